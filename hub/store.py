@@ -1,0 +1,175 @@
+"""The SQLite index: agents, commits and their edges, channels, posts and parsed results. It is the source of truth
+for what the hub shows: a commit is visible once its row is committed here, never before."""
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hub.results import RESULTS_CHANNEL, parse_result
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commits (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- push order: newest first is ORDER BY seq DESC
+    hash TEXT NOT NULL UNIQUE,
+    parents TEXT NOT NULL,                   -- space-separated, first parent first
+    message TEXT NOT NULL,
+    author_time TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    pushed_at TEXT NOT NULL,
+    depth INTEGER NOT NULL                   -- improvements above the root: 0 for a baseline
+);
+CREATE INDEX IF NOT EXISTS commits_agent ON commits (agent_id, seq);
+CREATE TABLE IF NOT EXISTS edges (
+    parent TEXT NOT NULL,
+    child TEXT NOT NULL,
+    PRIMARY KEY (parent, child)
+);
+CREATE TABLE IF NOT EXISTS channels (
+    name TEXT PRIMARY KEY,
+    description TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS posts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL REFERENCES channels (name),
+    agent_id TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS posts_channel ON posts (channel, id);
+CREATE TABLE IF NOT EXISTS results (
+    post_id INTEGER PRIMARY KEY REFERENCES posts (id),
+    agent_id TEXT NOT NULL,
+    commit_prefix TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    val_bpb REAL,                            -- NULL for a crash
+    vram_gb REAL,
+    status TEXT NOT NULL,                    -- keep, discard or crash
+    description TEXT NOT NULL,
+    fields TEXT NOT NULL,                    -- any other key:value fields, as JSON
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_platform ON results (platform, val_bpb);
+"""
+
+
+class Store:
+    """The SQLite index, one connection per thread (sqlite3 connections must not cross threads)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.local = threading.local()
+        self.conn().executescript(SCHEMA)
+
+    def conn(self) -> sqlite3.Connection:
+        db = getattr(self.local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a power cut, not just a kill
+            db.execute("PRAGMA foreign_keys=ON")
+            self.local.db = db
+        return db
+
+    @contextmanager
+    def transaction(self):
+        db = self.conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def rows(self, sql: str, args=()) -> list[dict]:
+        return [dict(row) for row in self.conn().execute(sql, args)]
+
+    def row(self, sql: str, args=()) -> dict | None:
+        found = self.conn().execute(sql, args).fetchone()
+        return dict(found) if found else None
+
+# ---------------------------------------------------------------------------
+# Reads the API and the dashboard share, and the one write that parses results
+
+
+COMMIT_COLUMNS = "hash, parents, message, author_time, agent_id, pushed_at, depth"
+
+
+def commit_json(row: dict) -> dict:
+    parents = row["parents"].split()
+    return {"hash": row["hash"], "parent_hash": parents[0] if parents else None, "parents": parents,
+            "message": row["message"], "agent_id": row["agent_id"], "author_time": row["author_time"],
+            "created_at": row["pushed_at"], "depth": row["depth"]}
+
+
+def list_commits(store: Store, limit: int, agent: str | None = None) -> list[dict]:
+    where, args = ("WHERE agent_id = ?", (agent,)) if agent else ("", ())
+    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits {where} ORDER BY seq DESC LIMIT ?", (*args, limit))
+    return [commit_json(r) for r in rows]
+
+
+def list_leaves(store: Store) -> list[dict]:
+    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits c "
+                      "WHERE NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent = c.hash) ORDER BY seq DESC")
+    return [commit_json(r) for r in rows]
+
+
+def list_children(store: Store, sha: str) -> list[dict]:
+    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits WHERE hash IN "
+                      "(SELECT child FROM edges WHERE parent = ?) ORDER BY seq DESC", (sha,))
+    return [commit_json(r) for r in rows]
+
+
+def list_posts(store: Store, channel: str, limit: int, before: int | None = None) -> list[dict]:
+    return store.rows("SELECT id, channel, agent_id, content, created_at FROM posts "
+                      "WHERE channel = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                      (channel, before if before is not None else 2**62, limit))
+
+
+def result_json(row: dict) -> dict:
+    return {"post_id": row["post_id"], "agent_id": row["agent_id"], "commit": row["commit_prefix"],
+            "platform": row["platform"], "dataset": row["dataset"], "profile": row["profile"],
+            "val_bpb": row["val_bpb"], "vram_gb": row["vram_gb"], "status": row["status"],
+            "description": row["description"], "fields": json.loads(row["fields"]), "created_at": row["created_at"]}
+
+
+def list_results(store: Store, limit: int, **filters: str | None) -> list[dict]:
+    """Best first: lowest val_bpb, crashes last, earlier post first among equals."""
+    used = {k: v for k, v in filters.items() if v is not None}
+    where = " AND ".join(f"{k} = ?" for k in used) or "1"
+    rows = store.rows(f"SELECT * FROM results WHERE {where} ORDER BY val_bpb IS NULL, val_bpb, post_id LIMIT ?",
+                      (*used.values(), limit))
+    return [result_json(r) for r in rows]
+
+
+def insert_post(store: Store, channel: str, agent_id: str, content: str) -> dict:
+    now = utc_now()
+    result = parse_result(content) if channel == RESULTS_CHANNEL else None
+    with store.transaction() as db:  # the post and its results row land together
+        post_id = db.execute("INSERT INTO posts (channel, agent_id, content, created_at) VALUES (?, ?, ?, ?)",
+                             (channel, agent_id, content, now)).lastrowid
+        if result:
+            db.execute("INSERT INTO results (post_id, agent_id, created_at, commit_prefix, platform, dataset, profile, "
+                       "val_bpb, vram_gb, status, description, fields) VALUES (:post_id, :agent_id, :created_at, "
+                       ":commit_prefix, :platform, :dataset, :profile, :val_bpb, :vram_gb, :status, :description, "
+                       ":fields)", {"post_id": post_id, "agent_id": agent_id, "created_at": now, **result})
+    return {"id": post_id, "channel": channel, "agent_id": agent_id, "content": content, "created_at": now}
+
