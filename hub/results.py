@@ -10,7 +10,7 @@ import re
 
 RESULTS_CHANNEL = "results"
 HASH_PREFIX_RE = re.compile(r"[0-9a-f]{7,40}")
-FIELD_RE = re.compile(r"([A-Za-z_][\w.-]*):(\S+)")
+FIELD_RE = re.compile(r"([A-Za-z_][\w.-]*):(\S*)")  # a value may be empty, e.g. dataset: of a crash
 CRASH_RE = re.compile(r"\bCRASH\b")
 DISCARD_RE = re.compile(r"\bDISCARD\b")
 
