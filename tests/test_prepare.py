@@ -1,0 +1,512 @@
+"""prepare.py: datasets, tokenizer, packing and the fixed metric.
+
+Checked against independent references: packing against a naive linear-scan best-fit, evaluate_bpb against a
+float64 cross-entropy and hand-counted bytes, downloads against a real HTTP server on 127.0.0.1.
+Run: uv run pytest tests/test_prepare.py
+"""
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the of and to in is was for on that with as by at from his her which but not are had this "
+         "def return class import self None True lambda yield café naïve 東京 Ωμέγα 🙂").split()
+
+
+def random_text(rng, n_words):
+    lines, line = [], []
+    for _ in range(n_words):
+        line.append(rng.choice(WORDS))
+        if rng.random() < 0.1:
+            lines.append(" ".join(line))
+            line = []
+            if rng.random() < 0.3:
+                lines.append("")  # blank lines: the natural chunk boundaries
+    return "\n".join(lines + [" ".join(line)])
+
+
+def run_prepare(cache, *args, env=None, timeout=120):
+    full_env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """A small prepared --from dataset (random documents, some far longer than a chunk), built once."""
+    cache = tmp_path_factory.mktemp("tiny") / "cache"
+    rng = random.Random(0)
+    docs = [(f"doc{i}", random_text(rng, rng.choice([20, 80, 400, 3000]))) for i in range(600)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "CACHE_DIR", cache)
+        prepare.prepare_local("tiny", docs, {})
+    return cache, docs
+
+
+@pytest.fixture
+def tiny(tiny_cache, monkeypatch):
+    cache, docs = tiny_cache
+    monkeypatch.setattr(prepare, "CACHE_DIR", cache)
+    return prepare.Tokenizer.from_directory(), docs
+
+
+# ---------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------
+
+def naive_best_fit(docs, B, T, buffer_size):
+    """The reference algorithm written plainly: linear scans over a list buffer in arrival order."""
+    docs, buffer, out = iter(docs), [], []
+    while True:
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < T + 1:
+                for doc in docs:
+                    buffer.append(doc)
+                    if len(buffer) >= buffer_size:
+                        break
+                if not buffer:
+                    return out
+                room = T + 1 - len(row)
+                fits = [i for i, d in enumerate(buffer) if len(d) <= room]
+                if fits:
+                    i = max(fits, key=lambda i: (len(buffer[i]), -i))
+                    row.extend(buffer.pop(i))
+                else:
+                    i = min(range(len(buffer)), key=lambda i: (len(buffer[i]), i))
+                    row.extend(buffer.pop(i)[:room])
+            rows.append(row)
+        out.append(np.array(rows))
+
+
+@pytest.mark.parametrize("B,T,buffer_size", [(1, 16, 5), (3, 32, 20), (4, 64, 1000)])
+def test_pack_rows_matches_naive_best_fit(B, T, buffer_size):
+    rng = np.random.default_rng()
+    docs = [np.concatenate([[0], rng.integers(1, 500, rng.integers(1, 3 * T))]) for _ in range(300)]
+    got = [rows for rows, _ in prepare.pack_rows(((d, 1) for d in docs), B, T, buffer_size)]
+    want = naive_best_fit(docs, B, T, buffer_size)
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_pack_rows_invariants():
+    rng = np.random.default_rng()
+    B, T = 4, 48
+    docs = [np.concatenate([[0], rng.integers(1, 500, rng.integers(1, 80))]) for _ in range(500)]
+    whole = {tuple(d) for d in docs}
+    heads = {tuple(d[:k]) for d in docs for k in range(1, len(d) + 1)}
+    used = 0
+    for rows, epoch in prepare.pack_rows(((d, 1) for d in docs), B, T, buffer_size=50):
+        assert rows.shape == (B, T + 1) and rows.dtype == np.int64 and epoch == 1
+        assert (rows[:, 0] == 0).all()  # every row starts with BOS, and is full: no padding value exists
+        for row in rows:
+            starts = np.flatnonzero(row == 0).tolist() + [T + 1]
+            segments = [tuple(row[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+            assert all(s in whole for s in segments[:-1])  # only the row's last document may be cropped
+            assert segments[-1] in heads
+            used += len(segments)
+    assert used >= 0.9 * len(docs) - 50  # all documents are consumed except the final buffer's leftovers
+
+
+def test_loader_shifted_targets_and_determinism(tiny):
+    tok, _ = tiny
+    a = prepare.make_dataloader(tok, 4, 32, "train")
+    b = prepare.make_dataloader(tok, 4, 32, "train")
+    for _ in range(20):
+        xa, ya, ea = next(a)
+        xb, yb, eb = next(b)
+        assert xa.shape == ya.shape == (4, 32) and xa.dtype == torch.int64
+        assert torch.equal(xa[:, 1:], ya[:, :-1])
+        assert (xa[:, 0] == tok.get_bos_token_id()).all()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ea == eb
+
+
+def test_loader_cycles_epochs(tiny):
+    tok, _ = tiny
+    loader = prepare.make_dataloader(tok, 8, 64, "val")
+    epochs = [next(loader)[2] for _ in range(200)]  # the epoch of the newest buffered document
+    assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
+
+
+def test_loader_failure_reaches_consumer(tiny, tmp_path, monkeypatch):
+    tok, _ = tiny
+    files = prepare.token_files("train")
+    monkeypatch.setattr(prepare, "token_files", lambda split: [tmp_path / "missing.bin"] + files)
+    with pytest.raises(FileNotFoundError):
+        next(prepare.make_dataloader(tok, 2, 16, "train"))
+
+
+# ---------------------------------------------------------------------------
+# Chunking and local corpora
+# ---------------------------------------------------------------------------
+
+def test_chunk_text_is_lossless_and_bounded():
+    rng = random.Random()
+    for _ in range(50):
+        text = random_text(rng, rng.randint(1, 4000))
+        if rng.random() < 0.2:
+            text += "x" * rng.randint(1, 3000)  # one line longer than any chunk
+        limit = rng.choice([50, 200, 600])
+        chunks = prepare.chunk_text(text, limit)
+        assert "".join(chunks) == text
+        assert all(0 < len(c) <= limit for c in chunks)
+
+
+def test_chunk_text_prefers_blank_lines():
+    para = ("word " * 30).strip()
+    text = "\n\n".join([para] * 10)
+    chunks = prepare.chunk_text(text, 2 * len(para) + 10)
+    assert all(c.endswith("\n\n") for c in chunks[:-1])
+
+
+def test_long_documents_are_chunked_not_discarded(tiny):
+    tok, docs = tiny
+    meta = prepare.read_meta("tiny")
+    texts = []
+    for name in meta["train"] + [meta["val"]]:
+        texts += pq.read_table(prepare.CACHE_DIR / "tiny" / "shards" / name).column("text").to_pylist()
+    assert max(len(t) for t in texts) <= prepare.CHUNK_CHARS
+    assert sorted("".join(texts)) == sorted("".join(t for _, t in docs))  # every character is kept
+    long_doc = max((t for _, t in docs), key=len)
+    assert long_doc in "".join(texts)  # in order, contiguous across chunks
+
+
+def test_split_is_deterministic_and_near_val_share():
+    keys = [f"file{i}.py" for i in range(20000)]
+    share = sum(map(prepare.is_val_doc, keys)) / len(keys)
+    assert abs(share - prepare.VAL_SHARE) < 0.01
+    assert [prepare.is_val_doc(k) for k in keys[:100]] == [prepare.is_val_doc(k) for k in keys[:100]]
+
+
+def write_corpus(folder):
+    folder.mkdir(parents=True)
+    rng = random.Random(1)
+    pq.write_table(pa.table({"text": [random_text(rng, 200) for _ in range(40)], "id": list(range(40))}),
+                   folder / "a.parquet")
+    with open(folder / "b.jsonl", "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"text": random_text(rng, 200), "meta": 1}) + "\n")
+    (folder / "sub").mkdir()
+    for i in range(5):
+        (folder / "sub" / f"c{i}.txt").write_text(random_text(rng, 500), encoding="utf-8")
+
+
+def test_from_corpus_end_to_end(tmp_path):
+    write_corpus(tmp_path / "mycorpus")
+    r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dataset:     from-mycorpus" in r.stdout
+    assert (tmp_path / "cache" / "active").read_text().strip() == "from-mycorpus"
+    meta = json.loads((tmp_path / "cache" / "from-mycorpus" / "meta.json").read_text())
+    assert meta["documents"] == 85 and meta["val_documents"] >= 1
+    again = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus"))
+    assert "already prepared" in again.stdout
+
+
+@pytest.mark.parametrize("name,content,expect", [
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', "bad.jsonl:2: invalid JSON"),
+    ("nofield.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', "nofield.jsonl:2: expected an object with a string field 'text'"),
+    ("latin1.txt", "caf\u00e9 ok".encode("latin-1"), "latin1.txt: not valid UTF-8 at byte 3"),
+    ("notparquet.parquet", b"PAR1 this is not parquet", "notparquet.parquet: not a readable parquet file"),
+])
+def test_malformed_inputs_name_the_file(tmp_path, name, content, expect):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit, match=expect.replace("(", r"\(")):
+        prepare.read_corpus_file(tmp_path / name)
+
+
+def test_parquet_without_text_column(tmp_path):
+    pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "x.parquet")
+    with pytest.raises(SystemExit, match=r"x.parquet: no column 'text' \(columns: body\)"):
+        prepare.read_corpus_file(tmp_path / "x.parquet")
+
+
+def test_empty_folder_and_empty_corpus(tmp_path, cache):
+    (tmp_path / "empty").mkdir()
+    r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "empty"))
+    assert r.returncode != 0 and "no .parquet, .jsonl or .txt files found" in r.stderr
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("   \n")
+    r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "blank"))
+    assert r.returncode != 0 and "0 non-empty document(s)" in r.stderr
+    assert not (tmp_path / "cache" / "active").exists()
+    assert not list((tmp_path / "cache").glob(".*"))  # no build leftovers
+
+
+def test_failed_rebuild_keeps_previous_dataset(tmp_path):
+    write_corpus(tmp_path / "mycorpus")
+    assert run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus")).returncode == 0
+    (tmp_path / "mycorpus" / "zz.jsonl").write_text("not json\n")
+    r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus"))
+    assert r.returncode != 0 and "zz.jsonl:1: invalid JSON" in r.stderr
+    assert r.stderr.strip().count("\n") == 0  # one clear line, no traceback
+    assert (tmp_path / "cache" / "from-mycorpus" / "meta.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+def test_tokenizer_round_trip_and_token_bytes(tiny):
+    tok, _ = tiny
+    text = "naïve café 東京 Ωμέγα 🙂 — déjà vu\n\tdef f(x): return x ** 2  # ∑"
+    assert tok.decode(tok.encode(text)) == text
+    batch = tok.encode([text, "hello"], prepend=tok.get_bos_token_id())
+    assert batch[0][0] == tok.get_bos_token_id() and tok.decode(batch[0][1:]) == text
+    token_bytes = prepare.get_token_bytes()
+    assert token_bytes.dtype == torch.int32 and len(token_bytes) == tok.get_vocab_size()
+    for s in prepare.SPECIAL_TOKENS:
+        assert token_bytes[tok.enc.encode_single_token(s)] == 0
+    ids = tok.encode(text)
+    assert int(token_bytes[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_tokenizer_is_reused_not_retrained(tiny, capsys):
+    meta = prepare.read_meta("tiny")
+    root = prepare.CACHE_DIR / "tiny"
+    before = (root / "tokenizer" / "tokenizer.pkl").stat().st_mtime_ns
+    prepare.train_tokenizer([root / "shards" / s for s in meta["train"]], root / "tokenizer")
+    assert "reusing" in capsys.readouterr().out
+    assert (root / "tokenizer" / "tokenizer.pkl").stat().st_mtime_ns == before
+
+
+def test_vocab_too_small_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="too small"):
+        prepare.train_tokenizer([], tmp_path, vocab_size=100)
+
+
+def test_missing_data_names_prepare(cache):
+    with pytest.raises(SystemExit, match="run `uv run prepare.py`"):
+        prepare.Tokenizer.from_directory()
+    with pytest.raises(SystemExit, match="run `uv run prepare.py`"):
+        prepare.get_token_bytes()
+
+
+# ---------------------------------------------------------------------------
+# evaluate_bpb: the metric
+# ---------------------------------------------------------------------------
+
+class UniformModel(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y, reduction="mean"):
+        assert reduction == "none"
+        return torch.full(y.shape, math.log(self.vocab), dtype=torch.float64).reshape(-1)
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Parameter(torch.randn(vocab, 16, generator=g))
+        self.out = torch.nn.Parameter(torch.randn(16, vocab, generator=g) * 0.3)
+
+    def logits(self, x):
+        h = self.emb[x].cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None]  # depends on the whole prefix
+        return h @ self.out
+
+    def forward(self, x, y, reduction="mean"):
+        return F.cross_entropy(self.logits(x).flatten(0, 1), y.reshape(-1), reduction=reduction)
+
+
+def test_bpb_of_uniform_model_is_log2_vocab_times_tokens_per_byte(tiny):
+    tok, _ = tiny
+    V = tok.get_vocab_size()
+    rows = prepare.eval_rows(tok)
+    counted, nbytes = 0, 0
+    for t in rows[:, 1:].reshape(-1).tolist():  # hand count from the tokenizer, not from token_bytes
+        n = 0 if t >= V - len(prepare.SPECIAL_TOKENS) else len(tok.enc.decode_single_token_bytes(t))
+        counted += n > 0
+        nbytes += n
+    want = math.log2(V) * counted / nbytes
+    assert prepare.evaluate_bpb(UniformModel(V), tok, batch_size=7) == pytest.approx(want, rel=1e-9)
+
+
+def test_bpb_matches_float64_reference_for_any_batch_size(tiny):
+    tok, _ = tiny
+    model = TinyLM(tok.get_vocab_size())
+    rows = torch.from_numpy(prepare.eval_rows(tok))
+    x, y = rows[:, :-1], rows[:, 1:]
+    with torch.no_grad():
+        logp = torch.log_softmax(model.logits(x).double(), -1)
+    nll = -logp.gather(-1, y[..., None])[..., 0]
+    tb = prepare.get_token_bytes().long()[y]
+    want = (nll * (tb > 0)).sum().item() / (math.log(2) * tb.sum().item())
+    results = [prepare.evaluate_bpb(model, tok, batch_size=b) for b in (1, 5, 64, 10_000)]
+    for r in results:
+        assert r == pytest.approx(want, rel=1e-6)
+    assert max(results) - min(results) < 1e-6 * want
+    assert prepare.evaluate_bpb(model, tok, 5) == results[1]  # deterministic
+
+
+def test_eval_rows_are_fixed_and_bos_aligned(tiny, monkeypatch):
+    tok, _ = tiny
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 20 * prepare.MAX_SEQ_LEN)
+    rows = prepare.eval_rows(tok)
+    assert rows.shape == (20, prepare.MAX_SEQ_LEN + 1)
+    assert (rows[:, 0] == tok.get_bos_token_id()).all()
+    np.testing.assert_array_equal(rows, prepare.eval_rows(tok))
+
+
+# ---------------------------------------------------------------------------
+# climbmix download, against a local HTTP server
+# ---------------------------------------------------------------------------
+
+def shard_bytes(seed, n_docs=60):
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": [random_text(rng, 150) for _ in range(n_docs)]}), buf)
+    return buf.getvalue()
+
+
+class ShardServer:
+    """Serves climbmix-style shards. plan[name] is a list of behaviours used one per request:
+    'ok', '500', 'truncate' or '404'; when a list runs out, requests get 'ok'."""
+
+    def __init__(self, names):
+        self.files = {n: shard_bytes(i) for i, n in enumerate(names)}
+        self.plan, self.requests = {}, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests.append(name)
+                steps = server.plan.get(name) or ["ok"]
+                step = steps.pop(0) if server.plan.get(name) else "ok"
+                if step == "404" or name not in server.files:
+                    self.send_error(404)
+                    return
+                if step == "500":
+                    self.send_error(500)
+                    return
+                body = server.files[name]
+                if step == "truncate":
+                    body = body[: len(body) // 2]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_port}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    names = [prepare.shard_name(i) for i in (0, 1, 2, prepare.VAL_SHARD)]
+    s = ShardServer(names)
+    monkeypatch.setenv("HF_ENDPOINT", s.endpoint)
+    yield s
+    s.close()
+
+
+def shard_dir():
+    return prepare.CACHE_DIR / "climbmix" / "shards"
+
+
+def test_download_success(server, cache):
+    prepare.download_climbmix(3, workers=2, backoff=0.01)
+    for i in (0, 1, 2, prepare.VAL_SHARD):
+        assert (shard_dir() / prepare.shard_name(i)).read_bytes() == server.files[prepare.shard_name(i)]
+
+
+def test_download_retries_transient_500_and_refetches_truncated(server, cache):
+    server.plan = {prepare.shard_name(0): ["500", "500"], prepare.shard_name(1): ["truncate"]}
+    prepare.download_climbmix(2, workers=2, backoff=0.01)
+    assert server.requests.count(prepare.shard_name(0)) == 3
+    assert server.requests.count(prepare.shard_name(1)) == 2
+    assert (shard_dir() / prepare.shard_name(1)).read_bytes() == server.files[prepare.shard_name(1)]
+
+
+def test_download_missing_shard_is_a_clear_error(server, cache):
+    server.files.pop(prepare.shard_name(1))
+    with pytest.raises(SystemExit, match=r"shard_00001.parquet not found at http://127.0.0.1:\d+/.*\(HTTP 404\)"):
+        prepare.download_climbmix(2, workers=2, backoff=0.01)
+    assert server.requests.count(prepare.shard_name(1)) == 1  # a 404 is not retried
+    assert not (shard_dir() / prepare.shard_name(1)).exists()
+    assert (shard_dir() / prepare.shard_name(0)).exists()  # the rest is kept for a resume
+
+
+def test_download_persistent_truncation_leaves_no_file(server, cache):
+    server.plan = {prepare.shard_name(0): ["truncate"] * 5}
+    with pytest.raises(SystemExit, match="shard_00000.parquet: failed after 5 attempts"):
+        prepare.download_climbmix(1, workers=1, backoff=0.01)
+    assert sorted(p.name for p in shard_dir().iterdir()) == [prepare.shard_name(prepare.VAL_SHARD)]
+
+
+def test_download_resumes_after_interruption(server, cache):
+    shard_dir().mkdir(parents=True)
+    (shard_dir() / prepare.shard_name(0)).write_bytes(server.files[prepare.shard_name(0)])  # finished before
+    (shard_dir() / prepare.shard_name(1)).write_bytes(server.files[prepare.shard_name(1)][:100])  # corrupt
+    (shard_dir() / f".{prepare.shard_name(2)}.tmp-1-2").write_bytes(b"partial")  # killed mid-write
+    prepare.download_climbmix(3, workers=2, backoff=0.01)
+    assert prepare.shard_name(0) not in server.requests
+    assert sorted(server.requests) == sorted([prepare.shard_name(i) for i in (1, 2, prepare.VAL_SHARD)])
+    assert (shard_dir() / prepare.shard_name(1)).read_bytes() == server.files[prepare.shard_name(1)]
+    assert not list(shard_dir().glob(".*"))
+
+
+def test_unreachable_host_fails_fast_naming_offline_options(tmp_path):
+    t0 = time.time()
+    r = run_prepare(tmp_path / "cache", "--num-shards", "1", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode != 0 and time.time() - t0 < 15
+    assert "cannot reach 127.0.0.1:9" in r.stderr and "--dataset stdlib" in r.stderr and "--from" in r.stderr
+
+
+def test_climbmix_cli_end_to_end(server, tmp_path):
+    r = run_prepare(tmp_path / "cache", "--num-shards", "2", "--download-workers", "2",
+                    env={"HF_ENDPOINT": server.endpoint})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dataset:     climbmix" in r.stdout and "train:       2 shards" in r.stdout
+    root = tmp_path / "cache" / "climbmix"
+    assert sorted(p.name for p in (root / "tokens").iterdir()) == ["shard_00000.bin", "shard_00001.bin",
+                                                                   "shard_06542.bin"]
+    again = run_prepare(tmp_path / "cache", "--num-shards", "2", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert again.returncode == 0 and "3/3 shards present and valid" in again.stdout  # no network needed
+
+
+def test_stdlib_records_python_version_and_fingerprint(tmp_path, monkeypatch):
+    """The built-in dataset, restricted to a few stdlib files so the test stays fast."""
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "cache")
+    docs = [d for d in prepare.stdlib_documents() if d[0].startswith("json/")]
+    assert docs == sorted(docs) and len(docs) >= 4
+    meta = prepare.prepare_local("stdlib", docs, dict(python="3.x"))
+    assert meta["fingerprint"] == prepare.fingerprint(docs) and meta["python"] == "3.x"
+    assert prepare.active_dataset() == "stdlib"
