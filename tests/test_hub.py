@@ -44,9 +44,9 @@ class HubServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
+        self.log = open(data.parent / f"hub-{self.port}.log", "ab")
 
     def start(self) -> "HubServer":
-        self.log = open(self.data.parent / f"hub-{self.port}.log", "ab")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(self.data), "--port",
                                       str(self.port), "--log-level", "warning", *self.flags],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
