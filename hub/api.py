@@ -1,6 +1,7 @@
 """The HTTP API, exactly as the agenthub edition's agents call it, plus /api/results and the dashboard at /.
 
-Handlers are async and query SQLite directly (sub-millisecond); git work runs in worker threads."""
+Handlers are async and read SQLite directly on the event loop (sub-millisecond). Writes wait for an fsync and git
+runs for tens of milliseconds, so both go to worker threads and never hold up the other requests."""
 
 import hashlib
 import hmac
@@ -8,7 +9,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub.core import Hub, HubError
 from hub.dashboard import render_dashboard
-from hub.store import (COMMIT_COLUMNS, commit_json, insert_post, list_children, list_commits, list_leaves, list_posts,
-                       list_results, utc_now)
+from hub.store import (COMMIT_COLUMNS, commit_json, insert_agent, insert_channel, insert_post, list_children,
+                       list_commits, list_leaves, list_posts, list_results)
 
 MAX_POST_BYTES = 64 * 1024          # one post's content, UTF-8
 MAX_JSON_BYTES = 512 * 1024         # one JSON request body: a full post survives JSON escaping
@@ -161,12 +161,8 @@ async def register(request: Request):
     if not AGENT_ID_RE.fullmatch(agent_id):
         raise HubError(400, "agent id must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     api_key = secrets.token_hex(32)
-    try:
-        with hub.store.transaction() as db:
-            db.execute("INSERT INTO agents (id, key_hash, created_at) VALUES (?, ?, ?)",
-                       (agent_id, hash_key(api_key), utc_now()))
-    except sqlite3.IntegrityError:
-        raise HubError(409, f"agent id {agent_id!r} is taken: pick another") from None
+    if not await run_in_threadpool(insert_agent, hub.store, agent_id, hash_key(api_key)):
+        raise HubError(409, f"agent id {agent_id!r} is taken: pick another")
     return {"id": agent_id, "api_key": api_key}
 
 
@@ -243,14 +239,10 @@ async def create_channel(request: Request):
         raise HubError(400, "channel name must be 1-32 lowercase letters, digits, '_' or '-' (no '#')")
     if len(description) > 1000:
         raise HubError(400, "channel description is over 1000 characters")
-    now = utc_now()
-    try:
-        with hub.store.transaction() as db:
-            db.execute("INSERT INTO channels (name, description, created_by, created_at) VALUES (?, ?, ?, ?)",
-                       (name, description, agent, now))
-    except sqlite3.IntegrityError:
-        raise HubError(409, f"channel {name!r} already exists") from None
-    return {"name": name, "description": description, "created_by": agent, "created_at": now}
+    channel = await run_in_threadpool(insert_channel, hub.store, name, description, agent)
+    if channel is None:
+        raise HubError(409, f"channel {name!r} already exists")
+    return channel
 
 
 @app.get("/api/channels")
@@ -272,7 +264,7 @@ async def create_post(request: Request, name: str):
         raise HubError(400, "post content is empty")
     if len(content.encode()) > MAX_POST_BYTES:
         raise HubError(413, f"post is {len(content.encode())} bytes; the limit is {MAX_POST_BYTES}")
-    return insert_post(hub.store, channel, agent, content)
+    return await run_in_threadpool(insert_post, hub.store, channel, agent, content)
 
 
 @app.get("/api/channels/{name}/posts")

@@ -10,8 +10,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.gitrepo import (BadBundle, check_heads_are_commits, create_refs, git, index_pack, init_repo, publish_pack,
-                         quarantine_env, read_bundle_header, read_new_commits, remove_unpublished_packs)
+from hub.gitrepo import (BadBundle, create_refs, git, index_pack, init_repo, publish_pack, quarantine_env,
+                         read_bundle_header, read_new_commits, remove_unpublished_packs)
 from hub.store import Store, utc_now
 
 HOUR = 3600.0
@@ -106,7 +106,6 @@ class Hub:
             (quarantine / "pack").mkdir()
             env = quarantine_env(self.repo, quarantine)
             index_pack(self.repo, bundle, header.pack_offset, env)
-            check_heads_are_commits(self.repo, header.heads, env)
             commits = [c for c in read_new_commits(self.repo, header.heads, env) if not self.has_commit(c["hash"])]
             publish_pack(quarantine, self.repo)
         finally:

@@ -202,6 +202,8 @@ def render_chart(groups: dict[str, list[dict]]) -> str:
 
 
 def chart_axes(t0: float, t1: float, lo: float, hi: float, x, y) -> str:
+    span = t1 - t0
+    time_format = "%H:%M:%S" if span < 600 else "%H:%M" if span < 2 * 86400 else "%m-%d %H:%M"
     parts = []
     for k in range(5):
         v = lo + (hi - lo) * k / 4
@@ -209,7 +211,7 @@ def chart_axes(t0: float, t1: float, lo: float, hi: float, x, y) -> str:
                      'stroke="#eef0f3"/>')
         parts.append(f'<text x="{MARGIN_L - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.4f}</text>')
         t = t0 + (t1 - t0) * k / 4
-        label = datetime.fromtimestamp(t, timezone.utc).strftime("%m-%d %H:%M")
+        label = datetime.fromtimestamp(t, timezone.utc).strftime(time_format)
         parts.append(f'<text x="{x(t):.1f}" y="{CHART_H - 10}" text-anchor="middle">{label}</text>')
     parts.append(f'<line x1="{MARGIN_L}" x2="{MARGIN_L}" y1="{MARGIN_T}" y2="{CHART_H - MARGIN_B}" stroke="#d1d5db"/>')
     return "".join(parts)

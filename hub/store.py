@@ -160,6 +160,28 @@ def list_results(store: Store, limit: int, **filters: str | None) -> list[dict]:
     return [result_json(r) for r in rows]
 
 
+def insert_agent(store: Store, agent_id: str, key_hash: str) -> bool:
+    """False when the id is taken."""
+    try:
+        with store.transaction() as db:
+            db.execute("INSERT INTO agents (id, key_hash, created_at) VALUES (?, ?, ?)", (agent_id, key_hash, utc_now()))
+    except sqlite3.IntegrityError:
+        return False
+    return True
+
+
+def insert_channel(store: Store, name: str, description: str, agent_id: str) -> dict | None:
+    """None when the channel exists."""
+    channel = {"name": name, "description": description, "created_by": agent_id, "created_at": utc_now()}
+    try:
+        with store.transaction() as db:
+            db.execute("INSERT INTO channels (name, description, created_by, created_at) "
+                       "VALUES (:name, :description, :created_by, :created_at)", channel)
+    except sqlite3.IntegrityError:
+        return None
+    return channel
+
+
 def insert_post(store: Store, channel: str, agent_id: str, content: str) -> dict:
     now = utc_now()
     result = parse_result(content) if channel == RESULTS_CHANNEL else None

@@ -1,0 +1,246 @@
+"""
+Load benchmark of the hub: simulated agents replay the agenthub loop's calls against hub.py on 127.0.0.1.
+
+    uv run bench/hub_load.py                                   # 24 agents on 8 client threads, 15 s, flat out
+    uv run bench/hub_load.py --rate 200                        # the same, paced to 200 requests/s
+    uv run bench/hub_load.py --seconds 20 --keep /tmp/hub-demo # keep the hub's data (e.g. for a screenshot)
+
+One simulated experiment makes the calls program-hub.md makes: read #results and #discussion, the results table
+for its platform, the leaves and the children of its best commit, post its result; and sometimes push an
+improvement (a real git bundle of its whole history), fetch another agent's commit, diff two commits, post to
+#discussion or load the dashboard. Without --rate there is no think time: each client thread sends its next call as
+soon as the last one answers, so the figure is the hub's capacity; with --rate the calls are spread evenly at that
+rate and the latencies are those of a hub under that load. The client's own Python runs on the same cores.
+Setting up (registering, building the bundles) is not timed. A real agent makes about ten calls per 5-minute
+experiment, so N requests/s serve about N * 30 agents.
+"""
+
+import argparse
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "bench-admin-key"
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench",
+           "GIT_COMMITTER_EMAIL": "bench@example.com", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+# platform -> (baseline val_bpb, dataset, profile): made-up but plausible starting points
+PLATFORMS = {"H100": (0.998, "climbmix", "gpu"), "A100-40GB": (1.034, "climbmix", "gpu"),
+             "M3-Max": (1.412, "climbmix", "cpu"), "cpu-EPYC-2c": (1.947, "stdlib", "cpu")}
+IDEAS = ["lower matrix lr to 0.03", "warmup 5% of steps", "halve weight decay", "depth 10", "GeLU instead of ReLU^2",
+         "window pattern SSSL", "unembedding lr x2", "batch 2^18 tokens", "rope base 200k", "qk-norm off",
+         "value embeddings on every layer", "shorter warmdown", "NorMuon beta 0.9", "tie embeddings", "wider MLP x5"]
+NOTES = ["**Observation:** the last three gains on `{p}` all came from the schedule, not the model.",
+         "Tried {i} on {p}: within noise. Has anyone seen it help on another platform?",
+         "Plan: combine the two best `{p}` branches.\n\n- lr from one\n- warmup from the other"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(repo: Path, *args: str) -> bytes:
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", **GIT_ENV}
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True).stdout
+
+
+def start_hub(data: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(data), "--port", str(port),
+                             "--admin-key", ADMIN_KEY, "--log-level", "warning"], cwd=ROOT)
+    for _ in range(300):
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).ok:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise TimeoutError("hub did not start")
+
+# ---------------------------------------------------------------------------
+# Simulated agents
+
+
+class SimAgent:
+    """One agent's identity, its repository's prebuilt push bundles, and the val_bpb it has reached."""
+
+    def __init__(self, url: str, name: str, platform: str, workdir: Path, pushes: int):
+        key = requests.post(f"{url}/api/register", json={"id": name},
+                            headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["api_key"]
+        self.url, self.name, self.platform = url, name, platform
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {key}"
+        self.best, self.dataset, self.profile = PLATFORMS[platform]
+        self.leaf = None
+        self.bundles = build_bundles(workdir / name, pushes)
+
+    def call(self, record, kind: str, method: str, path: str, **kw) -> requests.Response:
+        record.pace()
+        t = time.perf_counter()
+        r = self.http.request(method, self.url + path, **kw)
+        record(kind, time.perf_counter() - t, r.status_code)
+        return r
+
+
+def build_bundles(repo: Path, n: int) -> list[tuple[str, bytes]]:
+    """An orphan baseline and n-1 improvements, each bundled whole, as program-hub.md pushes them."""
+    repo.mkdir(parents=True)
+    git(repo, "init", "--quiet")
+    bundles = []
+    for i in range(n):
+        (repo / "train.py").write_text(f"# {repo.name}\n" + "".join(f"step_{k} = {k}\n" for k in range(i + 1)))
+        git(repo, "add", "train.py")
+        git(repo, "commit", "--quiet", "-m", "baseline" if i == 0 else random.choice(IDEAS))
+        bundles.append((git(repo, "rev-parse", "HEAD").decode().strip(), git(repo, "bundle", "create", "-q", "-",
+                                                                             "HEAD")))
+    return bundles
+
+
+def experiment(agent: SimAgent, everyone: list[SimAgent], record) -> None:
+    """The calls of one loop iteration of program-hub.md, with the loop's odds of each optional one."""
+    a, p = agent, agent.platform
+    a.call(record, "read #results", "GET", "/api/channels/results/posts", params={"limit": 30})
+    a.call(record, "read #discussion", "GET", "/api/channels/discussion/posts", params={"limit": 20})
+    a.call(record, "results table", "GET", "/api/results", params={"platform": p, "limit": 20})
+    leaves = a.call(record, "leaves", "GET", "/api/git/leaves").json()
+    if a.leaf:
+        a.call(record, "children", "GET", f"/api/git/commits/{a.leaf[:7]}/children")
+    others = [c["hash"] for c in leaves if c["agent_id"] != a.name]
+    if others and random.random() < 0.15:
+        a.call(record, "fetch", "GET", f"/api/git/fetch/{random.choice(others)[:7]}")
+        if a.leaf:
+            a.call(record, "diff", "GET", f"/api/git/diff/{a.leaf[:7]}/{random.choice(others)[:7]}")
+    idea = random.choice(IDEAS)
+    val_bpb = a.best + random.gauss(0.009, 0.01) * a.best  # about one experiment in five improves
+    crashed = random.random() < 0.05
+    improved = not crashed and val_bpb < a.best and a.bundles
+    sha = a.bundles[0][0] if improved else "%07x" % random.getrandbits(28)
+    if crashed:
+        line = f"commit:{sha[:7]} platform:{p} val_bpb:--- vram_gb:--- | {idea} (CRASH: out of memory)"
+    else:
+        verdict = "" if improved else " (DISCARD)"
+        line = (f"commit:{sha[:7]} platform:{p} val_bpb:{val_bpb:.6f} vram_gb:{40 * a.best:.1f} "
+                f"dataset:{a.dataset} profile:{a.profile} | {idea}{verdict}")
+    a.call(record, "post result", "POST", "/api/channels/results/posts", json={"content": line})
+    if improved:
+        sha, body = a.bundles.pop(0)
+        a.call(record, "push", "POST", "/api/git/push", data=body)
+        a.best, a.leaf = val_bpb, sha
+    if random.random() < 0.2:
+        note = random.choice(NOTES).format(p=p, i=idea)
+        a.call(record, "post discussion", "POST", "/api/channels/discussion/posts", json={"content": note})
+    if random.random() < 0.02:
+        a.call(record, "dashboard", "GET", "/")
+
+# ---------------------------------------------------------------------------
+# Running and reporting
+
+
+class Recorder:
+    """Latency per call kind, and the pacing: with a rate, call k waits for its slot at start + k / rate."""
+
+    def __init__(self, rate: float):
+        self.latencies, self.errors = defaultdict(list), defaultdict(int)
+        self.rate, self.lock = rate, threading.Lock()
+        self.next_slot = time.perf_counter()
+
+    def pace(self) -> None:
+        if self.rate:
+            with self.lock:
+                slot, self.next_slot = self.next_slot, max(self.next_slot, time.perf_counter() - 1) + 1 / self.rate
+            time.sleep(max(0.0, slot - time.perf_counter()))
+
+    def __call__(self, kind: str, seconds: float, status: int) -> None:
+        with self.lock:
+            self.latencies[kind].append(seconds)
+            if status >= 400:
+                self.errors[kind] += 1
+
+
+def run_load(agents: list[SimAgent], workers: int, seconds: float, rate: float) -> tuple[Recorder, float]:
+    record = Recorder(rate)
+    deadline = time.perf_counter() + seconds
+
+    def worker(mine):
+        while time.perf_counter() < deadline:
+            for agent in mine:
+                experiment(agent, agents, record)
+
+    threads = [threading.Thread(target=worker, args=(agents[i::workers],)) for i in range(workers)]
+    t0 = record.next_slot = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return record, time.perf_counter() - t0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        return f"{fields['Model name'].strip()}, {fields['CPU(s)'].strip()} CPUs"
+    except (OSError, KeyError):
+        return "unknown CPU"
+
+
+def report(record: Recorder, elapsed: float, args) -> None:
+    latencies, errors = record.latencies, record.errors
+    every = [dt for values in latencies.values() for dt in values]
+    pacing = f"paced at {args.rate:g} requests/s" if args.rate else "flat out"
+    print(f"hub load: {args.agents} agents on {args.workers} client threads, {pacing}, {elapsed:.1f} s; {cpu_model()}")
+    print(f"{'call':<18}{'count':>7}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}")
+    for kind, values in sorted(latencies.items(), key=lambda kv: -len(kv[1])):
+        print(f"{kind:<18}{len(values):>7}{errors[kind]:>8}{1000 * percentile(values, .5):>9.1f}"
+              f"{1000 * percentile(values, .99):>9.1f}")
+    rate = len(every) / elapsed
+    print(f"{'all':<18}{len(every):>7}{sum(errors.values()):>8}{1000 * percentile(every, .5):>9.1f}"
+          f"{1000 * percentile(every, .99):>9.1f}")
+    print(f"throughput: {rate:.0f} requests/s, p50 {1000 * percentile(every, .5):.1f} ms, "
+          f"p99 {1000 * percentile(every, .99):.1f} ms; at ~10 calls per 5-minute experiment that is "
+          f"~{rate * 30:,.0f} agents")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--agents", type=int, default=24)
+    p.add_argument("--workers", type=int, default=8, help="client threads sending calls at once")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--rate", type=float, default=0, help="requests/s to pace the calls at (default: flat out)")
+    p.add_argument("--pushes", type=int, default=12, help="bundles prebuilt per agent (its improvements)")
+    p.add_argument("--keep", type=Path, help="use this folder for the hub's data and keep it afterwards")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.keep or Path(tmp) / "data"
+        port = free_port()
+        hub = start_hub(data, port)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            names = list(PLATFORMS)
+            agents = [SimAgent(url, f"agent-{i:02d}-{names[i % len(names)].lower()}", names[i % len(names)],
+                               Path(tmp) / "repos", args.pushes) for i in range(args.agents)]
+            for channel in ("results", "discussion"):
+                agents[0].http.post(f"{url}/api/channels", json={"name": channel, "description": channel})
+            record, elapsed = run_load(agents, args.workers, args.seconds, args.rate)
+        finally:
+            hub.terminate()
+            hub.wait()
+    report(record, elapsed, args)
+
+
+if __name__ == "__main__":
+    main()
