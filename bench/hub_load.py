@@ -123,12 +123,12 @@ def experiment(agent: SimAgent, everyone: list[SimAgent], record) -> None:
     crashed = random.random() < 0.05
     improved = not crashed and val_bpb < a.best and a.bundles
     sha = a.bundles[0][0] if improved else "%07x" % random.getrandbits(28)
+    where = f"dataset:{a.dataset} profile:{a.profile}"
     if crashed:
-        line = f"commit:{sha[:7]} platform:{p} val_bpb:--- vram_gb:--- | {idea} (CRASH: out of memory)"
+        line = f"commit:{sha[:7]} platform:{p} val_bpb:--- vram_gb:--- {where} | {idea} (CRASH: out of memory)"
     else:
         verdict = "" if improved else " (DISCARD)"
-        line = (f"commit:{sha[:7]} platform:{p} val_bpb:{val_bpb:.6f} vram_gb:{40 * a.best:.1f} "
-                f"dataset:{a.dataset} profile:{a.profile} | {idea}{verdict}")
+        line = f"commit:{sha[:7]} platform:{p} val_bpb:{val_bpb:.6f} vram_gb:{40 * a.best:.1f} {where} | {idea}{verdict}"
     a.call(record, "post result", "POST", "/api/channels/results/posts", json={"content": line})
     if improved:
         sha, body = a.bundles.pop(0)

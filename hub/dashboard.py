@@ -11,8 +11,8 @@ from hub.store import Store, list_leaves, list_posts, utc_now
 SHOWN_POSTS = 8                     # latest posts per channel
 SHOWN_LEAVES = 20                   # frontier rows, deepest first
 COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"]
-CHART_W, CHART_H = 1120, 300
-MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 70, 20, 16, 34
+CHART_W, CHART_H = 540, 190         # one platform's chart; two sit side by side
+MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 56, 10, 8, 24
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2937; background: #f3f4f6;
@@ -27,13 +27,15 @@ h4 { font-size: 14px; margin: 6px 0; }
 section { background: #fff; border: 1px solid #e5e7eb; border-radius: 8px; padding: 14px 16px; margin-bottom: 16px; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #f0f1f3; vertical-align: top; }
-th { color: #6b7280; font-weight: 600; font-size: 12px; text-transform: uppercase; letter-spacing: .03em; }
+th { color: #6b7280; font-weight: 600; font-size: 12px; }
 td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
-code, .hash { font: 12.5px ui-monospace, SFMono-Regular, Menlo, monospace; }
+code, .hash { font: 13px ui-monospace, SFMono-Regular, Menlo, monospace; }
 .hash { color: #2563eb; }
 .best { font-weight: 700; }
 .empty { color: #9ca3af; font-style: italic; }
-.legend span { display: inline-block; margin-right: 18px; }
+.charts { display: grid; grid-template-columns: 1fr 1fr; gap: 8px 24px; }
+figure { margin: 0; }
+figcaption { font-size: 13px; margin-bottom: 2px; }
 .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px; margin-right: 5px; }
 .columns { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
 .columns section { margin-bottom: 0; min-width: 0; }
@@ -167,14 +169,27 @@ def best_so_far(results: list[dict]) -> list[tuple[float, float, dict]]:
 
 
 def render_chart(groups: dict[str, list[dict]]) -> str:
+    """One small chart per platform, each with its own val_bpb scale (platforms differ by far more than their
+    gains), all on the same time axis so that they line up."""
     series = {label: best_so_far(rs) for label, rs in groups.items()}
     series = {label: steps for label, steps in series.items() if steps}
     if not series:
         return "<p class=empty>no kept runs yet</p>"
     times = [epoch(r["created_at"]) for rs in groups.values() for r in rs]
-    t0, t1 = min(times), max(max(times), min(times) + 60)
-    values = [v for steps in series.values() for _, v, _ in steps]
-    pad = (max(values) - min(values)) * 0.08 or 0.01
+    t0, t1 = min(times), max(times)
+    t1 = t1 if t1 > t0 else t0 + 60
+    charts = []
+    for i, (label, steps) in enumerate(series.items()):
+        end = max(epoch(r["created_at"]) for r in groups[label])
+        charts.append(f"<figure><figcaption><i class=swatch style='background:{COLORS[i % len(COLORS)]}'></i>"
+                      f"{esc(label)}: <b>{steps[-1][1]:.6f}</b> after {len(steps) - 1} improvements</figcaption>"
+                      f"{step_chart(steps, end, t0, t1, COLORS[i % len(COLORS)])}</figure>")
+    return f"<div class=charts>{''.join(charts)}</div>"
+
+
+def step_chart(steps: list[tuple[float, float, dict]], end: float, t0: float, t1: float, color: str) -> str:
+    values = [v for _, v, _ in steps]
+    pad = (max(values) - min(values)) * 0.1 or 0.005
     lo, hi = min(values) - pad, max(values) + pad
 
     def x(t):
@@ -183,36 +198,30 @@ def render_chart(groups: dict[str, list[dict]]) -> str:
     def y(v):
         return MARGIN_T + (hi - v) / (hi - lo) * (CHART_H - MARGIN_T - MARGIN_B)
 
-    parts = [chart_axes(t0, t1, lo, hi, x, y)]
-    legend = []
-    for i, (label, steps) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        end = max(epoch(r["created_at"]) for r in groups[label])
-        path = f"M{x(steps[0][0]):.1f},{y(steps[0][1]):.1f}" + "".join(
-            f" H{x(t):.1f} V{y(v):.1f}" for t, v, _ in steps[1:]) + f" H{x(end):.1f}"
-        parts.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for t, v, r in steps:
-            tip = f"{v:.6f} by {r['agent_id']}, {r['commit_prefix'][:7]}: {r['description']}"
-            parts.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="3.5" fill="{color}"><title>{esc(tip)}</title>'
-                         "</circle>")
-        legend.append(f'<span><i class=swatch style="background:{color}"></i>{esc(label)}: {steps[-1][1]:.6f}</span>')
-    svg = (f'<svg viewBox="0 0 {CHART_W} {CHART_H}" width="100%" role="img" aria-label="best val_bpb over time">'
-           + "".join(parts) + "</svg>")
-    return svg + f'<div class=legend>{"".join(legend)}</div>'
+    path = f"M{x(steps[0][0]):.1f},{y(steps[0][1]):.1f}" + "".join(
+        f" H{x(t):.1f} V{y(v):.1f}" for t, v, _ in steps[1:]) + f" H{x(end):.1f}"
+    parts = [chart_axes(t0, t1, lo, hi, x, y), f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>']
+    for t, v, r in steps:
+        tip = f"{v:.6f} by {r['agent_id']}, {r['commit_prefix'][:7]}: {r['description']}"
+        parts.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="3.5" fill="{color}"><title>{esc(tip)}</title>'
+                     "</circle>")
+    return (f'<svg viewBox="0 0 {CHART_W} {CHART_H}" width="100%" role="img" aria-label="best val_bpb over time">'
+            + "".join(parts) + "</svg>")
 
 
 def chart_axes(t0: float, t1: float, lo: float, hi: float, x, y) -> str:
     span = t1 - t0
     time_format = "%H:%M:%S" if span < 600 else "%H:%M" if span < 2 * 86400 else "%m-%d %H:%M"
     parts = []
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
+    for k in range(4):
+        v = lo + (hi - lo) * k / 3
         parts.append(f'<line x1="{MARGIN_L}" x2="{CHART_W - MARGIN_R}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
                      'stroke="#eef0f3"/>')
-        parts.append(f'<text x="{MARGIN_L - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.4f}</text>')
-        t = t0 + (t1 - t0) * k / 4
+        parts.append(f'<text x="{MARGIN_L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.4f}</text>')
+    for k, anchor in enumerate(["start", "middle", "end"]):
+        t = t0 + span * k / 2
         label = datetime.fromtimestamp(t, timezone.utc).strftime(time_format)
-        parts.append(f'<text x="{x(t):.1f}" y="{CHART_H - 10}" text-anchor="middle">{label}</text>')
+        parts.append(f'<text x="{x(t):.1f}" y="{CHART_H - 6}" text-anchor="{anchor}">{label}</text>')
     parts.append(f'<line x1="{MARGIN_L}" x2="{MARGIN_L}" y1="{MARGIN_T}" y2="{CHART_H - MARGIN_B}" stroke="#d1d5db"/>')
     return "".join(parts)
 
