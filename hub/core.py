@@ -10,8 +10,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.gitrepo import (BadBundle, create_refs, git, index_pack, init_repo, publish_pack, quarantine_env,
-                         read_bundle_header, read_new_commits, remove_unpublished_packs)
+from hub.gitrepo import (BadBundle, create_refs, delete_refs, git, hub_refs, index_pack, init_repo, publish_pack,
+                         quarantine_env, read_bundle_header, read_new_commits, remove_unpublished_packs)
 from hub.store import Store, utc_now
 
 HOUR = 3600.0
@@ -75,8 +75,9 @@ class Hub:
         self.incoming.mkdir()
         remove_unpublished_packs(self.repo)
         indexed = {r["hash"] for r in self.store.rows("SELECT hash FROM commits")}
-        with_refs = set(git(self.repo, "for-each-ref", "--format=%(refname:lstrip=2)", "refs/hub/").decode().split())
-        create_refs(self.repo, sorted(indexed - with_refs))
+        with_refs = hub_refs(self.repo)
+        delete_refs(self.repo, sorted(with_refs - indexed))  # a push killed after its refs, before its index rows
+        create_refs(self.repo, sorted(indexed - with_refs))  # refs lost some other way, e.g. a hand-edited repo
 
     def check_rate(self, action: str, who: str, limit: int) -> None:
         if not self.limiter.allow((action, who), limit):
@@ -110,9 +111,16 @@ class Hub:
             publish_pack(quarantine, self.repo)
         finally:
             shutil.rmtree(quarantine, ignore_errors=True)
-        self.index_commits(commits, agent_id)
-        create_refs(self.repo, [c["hash"] for c in commits])  # after a kill here, recover() makes them
-        return [c["hash"] for c in reversed(commits)]
+        # refs before rows: a commit is fetchable the moment it is listed; after a kill between the two,
+        # recover() deletes the refs and the next push of these commits indexes them
+        hashes = [c["hash"] for c in commits]
+        create_refs(self.repo, hashes)
+        try:
+            self.index_commits(commits, agent_id)
+        except BaseException:
+            delete_refs(self.repo, hashes)  # else `--not --all` would hide these commits from the next push
+            raise
+        return hashes[::-1]
 
     def index_commits(self, commits: list[dict], agent_id: str) -> None:
         pushed_at = utc_now()

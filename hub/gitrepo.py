@@ -40,6 +40,15 @@ def create_refs(repo: Path, hashes: list[str]) -> None:
         git(repo, "update-ref", "--stdin", input="".join(f"update refs/hub/{h} {h}\n" for h in hashes).encode())
 
 
+def delete_refs(repo: Path, hashes: list[str]) -> None:
+    if hashes:
+        git(repo, "update-ref", "--stdin", input="".join(f"delete refs/hub/{h}\n" for h in hashes).encode())
+
+
+def hub_refs(repo: Path) -> set[str]:
+    return set(git(repo, "for-each-ref", "--format=%(refname:lstrip=2)", "refs/hub/").decode().split())
+
+
 @dataclass
 class BundleHeader:
     prerequisites: list[str]
