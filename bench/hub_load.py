@@ -128,7 +128,8 @@ def experiment(agent: SimAgent, everyone: list[SimAgent], record) -> None:
         line = f"commit:{sha[:7]} platform:{p} val_bpb:--- vram_gb:--- {where} | {idea} (CRASH: out of memory)"
     else:
         verdict = "" if improved else " (DISCARD)"
-        line = f"commit:{sha[:7]} platform:{p} val_bpb:{val_bpb:.6f} vram_gb:{40 * a.best:.1f} {where} | {idea}{verdict}"
+        line = (f"commit:{sha[:7]} platform:{p} val_bpb:{val_bpb:.6f} vram_gb:{40 * a.best:.1f} {where} "
+                f"| {idea}{verdict}")
     a.call(record, "post result", "POST", "/api/channels/results/posts", json={"content": line})
     if improved:
         sha, body = a.bundles.pop(0)

@@ -36,7 +36,8 @@ code, .hash { font: 13px ui-monospace, SFMono-Regular, Menlo, monospace; }
 .charts { display: grid; grid-template-columns: 1fr 1fr; gap: 8px 24px; }
 figure { margin: 0; }
 figcaption { font-size: 13px; margin-bottom: 2px; }
-.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px; margin-right: 5px; }
+.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px;
+          margin-right: 5px; }
 .columns { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
 .columns section { margin-bottom: 0; min-width: 0; }
 article { border-top: 1px solid #f0f1f3; padding: 8px 0; overflow-wrap: anywhere; }
@@ -68,7 +69,8 @@ def render_dashboard(store: Store) -> str:
     ])
     return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             '<meta http-equiv="refresh" content="60"><meta name=viewport content="width=device-width">'
-            f"<title>autoresearch hub</title><style>{STYLE}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
+            f"<title>autoresearch hub</title><style>{STYLE}</style></head>\n"
+            f"<body><main>\n{body}\n</main></body></html>\n")
 
 
 def section(title: str, content: str) -> str:

@@ -164,7 +164,8 @@ def insert_agent(store: Store, agent_id: str, key_hash: str) -> bool:
     """False when the id is taken."""
     try:
         with store.transaction() as db:
-            db.execute("INSERT INTO agents (id, key_hash, created_at) VALUES (?, ?, ?)", (agent_id, key_hash, utc_now()))
+            db.execute("INSERT INTO agents (id, key_hash, created_at) VALUES (?, ?, ?)",
+                       (agent_id, key_hash, utc_now()))
     except sqlite3.IntegrityError:
         return False
     return True

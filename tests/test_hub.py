@@ -130,9 +130,10 @@ def program_blocks() -> dict[str, str]:
 
 
 def run_blocks(hub: HubServer, home: Path, repo: Path, names: list[str], **env: str) -> str:
-    """Run program-hub.md's blocks as written, in one bash, as the agent whose home is `home`."""
+    """Run program-hub.md's blocks as written, in this order and in one bash, as the agent whose home is `home`
+    ('register once' loads the key of an agent that is registered already)."""
     blocks = program_blocks()
-    script = "\n".join(blocks[name] for name in ["register once", *names])
+    script = "\n".join(blocks[name] for name in names)
     result = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, text=True, timeout=60,
                             env={**BASE_ENV, "HOME": str(home), "HUB": hub.url, **env})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -184,22 +185,26 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     home_a.mkdir(), home_b.mkdir()
 
     # agent A: register, channels, orphan baseline, run, post, push
-    run_blocks(hub, home_a, repo_a, ["channels", "orphan baseline"], AGENT_NAME="alpha")
+    address = run_blocks(hub, home_a, repo_a, ["the hub's address", "register once", "channels", "orphan baseline"],
+                         AGENT_NAME="alpha")
+    assert '"ok":true' in address
     assert "HUB_KEY" in (home_a / ".agenthub_creds").read_text()
     assert git(repo_a, "rev-list", "--count", "HEAD") == "1"  # orphan: none of the upstream history
     write_run_log(repo_a, 1.1)
-    out = run_blocks(hub, home_a, repo_a, ["read the result", "post the result", "push"],
+    out = run_blocks(hub, home_a, repo_a, ["register once", "read the result", "post the result", "push"],
                      PLATFORM="cpu-test", DESC="baseline")
     baseline = git(repo_a, "rev-parse", "HEAD")
     assert f'"added":["{baseline}"]' in out
 
     # agent B, in an unrelated repository: fetch A's baseline by its 7-character hash, improve it, post, push
     short = baseline[:7]
-    run_blocks(hub, home_b, repo_b, ["channels", "build on another commit"], AGENT_NAME="beta", HASH=short)
+    run_blocks(hub, home_b, repo_b, ["register once", "channels", "build on another commit"], AGENT_NAME="beta",
+               HASH=short)
     assert git(repo_b, "rev-parse", "HEAD") == baseline
     improved = commit_change(repo_b, "lr = 0.5\n", "halve the learning rate")
     write_run_log(repo_b, 1.05)
-    out = run_blocks(hub, home_b, repo_b, ["read the result", "post the result", "push", "read the hub"],
+    out = run_blocks(hub, home_b, repo_b,
+                     ["register once", "read the result", "post the result", "push", "read the hub"],
                      PLATFORM="cpu-test", DESC="halve the learning rate")
     assert f'"added":["{improved}"]' in out
     assert '"status":"keep"' in out  # the read-the-hub block's results table
@@ -226,7 +231,7 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     again = requests.post(hub.url + "/api/git/push", data=bundle(repo_b),
                           headers={"Authorization": beta.http.headers["Authorization"]})
     assert again.json() == {"added": []}
-    run_blocks(hub, home_a, repo_a, ["build on another commit"], HASH=improved[:7])
+    run_blocks(hub, home_a, repo_a, ["register once", "build on another commit"], HASH=improved[:7])
     assert git(repo_a, "rev-parse", "HEAD") == improved
     assert "lr = 0.5" in (repo_a / "train.py").read_text()
 
@@ -235,13 +240,13 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
 def test_a_crash_and_a_discard_are_posted_but_not_kept(hub, tmp_path):
     repo, home = make_repo(tmp_path / "c", "gamma"), tmp_path / "home"
     home.mkdir()
-    run_blocks(hub, home, repo, ["channels", "orphan baseline"], AGENT_NAME="gamma")
+    run_blocks(hub, home, repo, ["register once", "channels", "orphan baseline"], AGENT_NAME="gamma")
     (repo / "run.log").write_text("Traceback: out of memory\n")
-    run_blocks(hub, home, repo, ["read the result", "post the result"], PLATFORM="gamma-gpu",
+    run_blocks(hub, home, repo, ["register once", "read the result", "post the result"], PLATFORM="gamma-gpu",
                DESC="double the width (CRASH: out of memory)")
     write_run_log(repo, 1.3)
-    run_blocks(hub, home, repo, ["read the result", "post the result", "discuss"], PLATFORM="gamma-gpu",
-               DESC="swiglu DISCARD", MSG="**wider** is out of memory at 2 GB")
+    run_blocks(hub, home, repo, ["register once", "read the result", "post the result", "discuss"],
+               PLATFORM="gamma-gpu", DESC="swiglu DISCARD", MSG="**wider** is out of memory at 2 GB")
     gamma = Agent(hub, "gamma", (home / ".agenthub_creds").read_text().split('"')[1])
     results = gamma.get("/api/results", params={"platform": "gamma-gpu"}).json()
     assert [(r["status"], r["val_bpb"], r["vram_gb"]) for r in results] == [("discard", 1.3, 2.0),
