@@ -1,6 +1,5 @@
 """The hub's state: the index, the repository, the limits, and the push that ties git and the index together."""
 
-import re
 import shutil
 import sqlite3
 import tempfile
@@ -12,10 +11,10 @@ from pathlib import Path
 
 from hub.gitrepo import (BadBundle, create_refs, delete_refs, git, hub_refs, index_pack, init_repo, publish_pack,
                          quarantine_env, read_bundle_header, read_new_commits, remove_unpublished_packs)
+from hub.results import HASH_PREFIX_RE
 from hub.store import Store, utc_now
 
 HOUR = 3600.0
-HASH_PREFIX_RE = re.compile(r"[0-9a-f]{7,40}")
 
 
 @dataclass
