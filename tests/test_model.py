@@ -1,0 +1,276 @@
+"""
+Model tests for train.py: shapes and finite loss, causality, sliding windows, value embeddings, initialisation,
+and the start-up decisions. Every attention backend is checked against a naive float64 softmax attention with an
+explicit mask, both alone and wired into the whole model.
+FlexAttention runs forward only on CPU (torch has no Flex backward there); its backward, compiled Flex and
+FlashAttention-3 are checked on CUDA when one is present.
+
+Run: uv run pytest tests/test_model.py
+"""
+
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import train
+from train import GPT, GPTConfig, attention_flex, attention_sdpa, has_ve, layer_windows, prepare_attention
+
+CUDA = torch.cuda.is_available()
+
+
+def naive_attention(q, k, v, window):
+    """float64 softmax(q k^T / sqrt(D)) v, query t seeing keys t-window..t; (B, T, H, D), kv heads shared."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, T, H, D = q.shape
+    k = k.repeat_interleave(H // k.size(2), dim=2)  # query head h reads kv head h // (H / Hkv)
+    v = v.repeat_interleave(H // v.size(2), dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    t, s = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
+    allowed = (s <= t) & (t - s <= window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+
+
+def random_qkv(B=2, T=48, H=4, Hkv=2, D=16, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype),
+            torch.randn(B, T, Hkv, D, generator=g, device=device, dtype=dtype),
+            torch.randn(B, T, Hkv, D, generator=g, device=device, dtype=dtype))
+
+
+def tiny_config(**overrides):
+    config = dict(sequence_len=32, vocab_size=96, n_layer=4, n_head=4, n_kv_head=4, n_embd=64,
+                  window_pattern="SSSL", attention="sdpa")
+    return GPTConfig(**{**config, **overrides})
+
+
+def build(config, dtype=torch.float32, randomize=False, seed=0):
+    """A model on the CPU; randomize=True replaces the zero/near-zero init so every path carries signal."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights(dtype)
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.5)
+    return model
+
+
+WINDOW_CASES = [47, 24, 5, 0]  # full context (T-1), half, short, attend to self only
+
+
+# --- attention backends ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("window", WINDOW_CASES)
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_sdpa_matches_naive_forward_and_backward(window, Hkv):
+    q, k, v = (t.requires_grad_() for t in random_qkv(Hkv=Hkv, seed=window + Hkv))
+    y = attention_sdpa(q, k, v, window)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    y_ref = naive_attention(q64, k64, v64, window)
+    torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=1e-5)
+    grad_out = torch.randn_like(y_ref)
+    (y.double() * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    for ours, ref in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", WINDOW_CASES)
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_flex_matches_naive_forward_on_cpu(window, Hkv):
+    q, k, v = random_qkv(Hkv=Hkv, seed=100 + window + Hkv)
+    prepare_attention("flex", q.size(1), [window], "cpu")
+    y = attention_flex(q, k, v, window)
+    torch.testing.assert_close(y.double(), naive_attention(q, k, v, window), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("window", [24, 5])
+def test_sliding_window_visibility(backend, window):
+    """Perturbing key/value position s changes exactly the outputs t with s <= t <= s + window."""
+    q, k, v = random_qkv(seed=7)
+    T = q.size(1)
+    prepare_attention(backend, T, [window], "cpu")
+    attend = train.ATTENTION_BACKENDS[backend]
+    base = attend(q, k, v, window)
+    t = torch.arange(T)
+    for s in (0, 3, T // 2, T - 1):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, s] += 1.0
+        v2[:, s] += 1.0
+        changed = (attend(q, k2, v2, window) - base).abs().amax(dim=(0, 2, 3)) > 1e-5
+        assert torch.equal(changed, (t >= s) & (t - s <= window)), f"position {s}"
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled FlexAttention backward and FlashAttention-3 need CUDA")
+@pytest.mark.parametrize("backend", ["flex", "fa3", "sdpa"])
+@pytest.mark.parametrize("window", [511, 128])
+def test_cuda_backends_match_naive(backend, window):
+    if backend == "fa3":
+        train.FA3, why = train.load_fa3()
+        if train.FA3 is None:
+            pytest.skip(f"FlashAttention-3 unavailable: {why}")
+    q, k, v = (t.requires_grad_() for t in random_qkv(T=512, D=128, device="cuda", dtype=torch.bfloat16))
+    prepare_attention(backend, 512, [window], "cuda")
+    y = train.ATTENTION_BACKENDS[backend](q, k, v, window)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    y_ref = naive_attention(q64, k64, v64, window)
+    torch.testing.assert_close(y.double(), y_ref, atol=2e-2, rtol=2e-2)
+    grad_out = torch.randn_like(y_ref)
+    (y.double() * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    for ours, ref in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=5e-2, rtol=5e-2)
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [dict(window_pattern="L"), dict(window_pattern="SSSL"),
+                                       dict(window_pattern="SSSL", n_kv_head=2), dict(n_kv_head=1, n_layer=3)])
+def test_forward_backward_shapes_and_finite_loss(overrides):
+    config = tiny_config(**overrides)
+    model = build(config)
+    idx = torch.randint(0, config.vocab_size, (3, config.sequence_len))
+    targets = torch.randint(0, config.vocab_size, (3, config.sequence_len))
+    assert model(idx).shape == (3, config.sequence_len, config.vocab_size)
+    loss = model(idx, targets)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert abs(loss.item() - math.log(config.vocab_size)) < 0.1  # lm_head ~ N(0, 0.001): near-uniform at init
+    per_token = model(idx, targets, reduction="none")
+    assert per_token.numel() == 3 * config.sequence_len
+    torch.testing.assert_close(per_token.mean(), loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and torch.isfinite(p.grad).all(), name
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_model_with_backend_matches_model_with_naive_attention(backend):
+    config = tiny_config(n_kv_head=2, attention=backend)
+    model = build(config, randomize=True, seed=3)
+    idx = torch.randint(0, config.vocab_size, (2, config.sequence_len))
+    with torch.no_grad():
+        logits = model(idx)
+        for block in model.blocks:
+            block.attn.attend = lambda q, k, v, window: naive_attention(q, k, v, window).to(q.dtype)
+        reference = model(idx)
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["L", "SSSL"])
+def test_causality(pattern):
+    """Changing tokens after position t never changes the logits at or before t."""
+    config = tiny_config(window_pattern=pattern, n_kv_head=2)
+    model = build(config, randomize=True, seed=5)
+    T = config.sequence_len
+    idx = torch.randint(0, config.vocab_size, (2, T))
+    with torch.no_grad():
+        logits = model(idx)
+        for t in (0, 10, T - 2):
+            changed = idx.clone()
+            changed[:, t + 1:] = torch.randint(0, config.vocab_size, (2, T - t - 1))
+            after = model(changed)
+            torch.testing.assert_close(after[:, :t + 1], logits[:, :t + 1], atol=1e-5, rtol=1e-5)
+            assert (after[:, t + 1:] - logits[:, t + 1:]).abs().max() > 1e-3  # the change does reach later positions
+
+
+def test_layer_windows_follow_pattern_and_last_layer_is_full():
+    assert layer_windows(tiny_config(window_pattern="SSSL", n_layer=6)) == [16, 16, 16, 32, 16, 32]
+    assert layer_windows(tiny_config(window_pattern="L", n_layer=3)) == [32, 32, 32]
+    assert layer_windows(tiny_config(window_pattern="S", n_layer=2)) == [16, 32]
+    with pytest.raises(ValueError, match="S and L"):
+        layer_windows(tiny_config(window_pattern="SXL"))
+
+
+def test_value_embeddings_alternate_and_include_the_last_layer():
+    for n_layer in range(1, 8):
+        with_ve = [i for i in range(n_layer) if has_ve(i, n_layer)]
+        assert with_ve[-1] == n_layer - 1
+        assert all(b - a == 2 for a, b in zip(with_ve, with_ve[1:]))
+        assert len(with_ve) == (n_layer + 1) // 2
+        model = GPT(tiny_config(n_layer=n_layer))
+        assert sorted(int(i) for i in model.value_embeds) == with_ve
+        assert [i for i, b in enumerate(model.blocks) if b.attn.ve_gate is not None] == with_ve
+
+
+def test_value_embedding_gate_starts_neutral():
+    """At init the values seen by attention are exactly c_v(x) + value_embedding(idx) (gate 2*sigmoid(0) = 1)."""
+    config = tiny_config(n_kv_head=2)
+    model = build(config)
+    attn = model.blocks[-1].attn
+    seen = {}
+    def capture(q, k, v, window):
+        seen["v"] = v
+        return q
+    attn.attend = capture
+    x = torch.randn(2, config.sequence_len, config.n_embd)
+    idx = torch.randint(0, config.vocab_size, (2, config.sequence_len))
+    ve = model.value_embeds[str(config.n_layer - 1)](idx)
+    attn(x, ve, model.cos, model.sin, config.sequence_len)
+    torch.testing.assert_close(seen["v"], (attn.c_v(x) + ve).view_as(seen["v"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_init_follows_the_compute_dtype_and_reference_scales(dtype):
+    model = build(tiny_config(n_embd=128, n_head=2, n_kv_head=2), dtype=dtype)
+    assert model.wte.weight.dtype == dtype and model.cos.dtype == dtype and model.sin.dtype == dtype
+    assert all(ve.weight.dtype == dtype for ve in model.value_embeds.values())
+    assert model.blocks[0].attn.c_q.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+    assert abs(model.wte.weight.float().std().item() - 1.0) < 0.05
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 0.0002
+    bound = (3 / 128) ** 0.5
+    for block in model.blocks:
+        assert block.attn.c_proj.weight.abs().max() == 0 and block.mlp.c_proj.weight.abs().max() == 0
+        assert block.mlp.c_fc.weight.abs().max() <= bound and block.attn.c_q.weight.abs().max() > 0.9 * bound
+    assert torch.equal(model.resid_lambdas, torch.ones(4)) and torch.allclose(model.x0_lambdas, torch.full((4,), 0.1))
+
+
+def test_model_config_rounds_width_up_to_whole_heads(monkeypatch):
+    monkeypatch.setattr(train, "ASPECT_RATIO", 64)
+    monkeypatch.setattr(train, "HEAD_DIM", 128)
+    config = train.model_config(3, 8192)
+    assert (config.n_embd, config.n_head, config.n_kv_head) == (256, 2, 2)
+    assert config.sequence_len == train.MAX_SEQ_LEN and config.window_pattern == train.WINDOW_PATTERN
+
+
+# --- start-up decisions ------------------------------------------------------------------------------------
+
+def test_pick_dtype_follows_the_probe(monkeypatch):
+    assert train.pick_dtype("cuda")[0] == torch.bfloat16
+    slow_bf16 = {torch.float32: 1.0, torch.bfloat16: 50.0}
+    monkeypatch.setattr(train, "matmul_seconds", lambda device, dtype: slow_bf16[dtype])
+    assert train.pick_dtype("cpu")[0] == torch.float32
+    fast_bf16 = {torch.float32: 1.0, torch.bfloat16: 0.4}
+    monkeypatch.setattr(train, "matmul_seconds", lambda device, dtype: fast_bf16[dtype])
+    assert train.pick_dtype("cpu")[0] == torch.bfloat16
+
+
+def test_real_dtype_probe_is_quick():
+    t0 = time.time()
+    dtype, why = train.pick_dtype("cpu")
+    assert dtype in (torch.float32, torch.bfloat16) and why
+    assert time.time() - t0 < 10
+
+
+def test_pick_attention_off_cuda_is_sdpa():
+    assert train.pick_attention("cpu")[0] == "sdpa"
+    assert train.pick_attention("mps")[0] == "sdpa"
+
+
+def test_fa3_loading_offline_gives_up_within_seconds(monkeypatch):
+    """With the hub unreachable, load_fa3 sets HF_HUB_OFFLINE before `kernels` reads it and fails fast."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # registers the variable for restoration, then clear it
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(train, "hub_reachable", lambda timeout=1.5: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    t0 = time.time()
+    fa3, why = train.load_fa3()
+    assert time.time() - t0 < 5
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    if not CUDA:
+        assert fa3 is None and why

@@ -1,0 +1,117 @@
+"""
+End-to-end tests of `train.py` on the CPU, as subprocesses: prepare the built-in stdlib dataset once into a
+temporary cache, then run a copy of train.py whose constants are rewritten to a tiny model (train.py itself has
+no test hooks) under AUTORESEARCH_TIME_BUDGET of a few seconds. Checks: the full summary block in its fixed
+order with a finite val_bpb clearly below the untrained model's (a near-uniform predictor: log2(vocab) bits per
+token, computed here over the same validation rows), FAIL and exit 1 on a diverging run, and clear messages
+naming prepare.py or the offending constant.
+
+Run: uv run pytest tests/test_train_e2e.py      (about 2-3 minutes on 2 cores, most of it preparing the data)
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                "num_steps", "num_params_M", "depth", "device", "attention", "profile", "dataset"]
+TINY = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", TOTAL_BATCH_SIZE="2**11", DEVICE_BATCH_SIZE="8")
+
+
+def env_for(cache, budget="4"):
+    return {**os.environ, "AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_TIME_BUDGET": budget,
+            "AUTORESEARCH_PROFILE": "cpu", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    result = subprocess.run([sys.executable, "prepare.py", "--dataset", "stdlib"], cwd=REPO, env=env_for(cache),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return cache
+
+
+def train_copy(tmp_path, **constants):
+    """A copy of train.py with constants rewritten: every `NAME = ...` line, at any indentation."""
+    source = (REPO / "train.py").read_text()
+    for name, value in {**TINY, **constants}.items():
+        source, count = re.subn(rf"^(\s*){name} = [^#\n]*?(\s*#.*)?$", rf"\g<1>{name} = {value}\g<2>", source,
+                                flags=re.M)
+        assert count >= 1, f"train.py has no constant {name}"
+    path = tmp_path / "train.py"
+    path.write_text(source)
+    return path
+
+
+def run_train(path, cache, budget="4"):
+    return subprocess.run([sys.executable, str(path)], cwd=REPO, env=env_for(cache, budget), capture_output=True,
+                          text=True, timeout=600)
+
+
+def uniform_bpb(cache):
+    """val_bpb of a model that predicts the uniform distribution, over the rows evaluate_bpb scores."""
+    code = ("import math, torch; from prepare import *; tok = Tokenizer.from_directory(); "
+            "y = torch.from_numpy(eval_rows(tok))[:, 1:]; nbytes = get_token_bytes()[y]; "
+            "print((nbytes > 0).sum().item() * math.log2(tok.get_vocab_size()) / nbytes.sum().item())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_for(cache), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return float(result.stdout.split()[-1])
+
+
+def summary(stdout):
+    lines = stdout.splitlines()
+    assert "---" in lines, stdout[-3000:]
+    block = lines[lines.index("---") + 1:]
+    assert len(block) >= len(SUMMARY_KEYS), block
+    pairs = [re.fullmatch(r"(\w+):\s+(\S+)", line) for line in block[:len(SUMMARY_KEYS)]]
+    assert all(pairs), block
+    assert all(line.index(m.group(2)) == 18 for line, m in zip(block, pairs)), "values start in column 18"
+    return {m.group(1): m.group(2) for m in pairs}, [m.group(1) for m in pairs]
+
+
+def test_short_run_prints_summary_and_learns(cache, tmp_path):
+    result = run_train(train_copy(tmp_path), cache)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    values, keys = summary(result.stdout)
+    assert keys == SUMMARY_KEYS
+    val_bpb = float(values["val_bpb"])
+    assert math.isfinite(val_bpb)
+    assert val_bpb < 0.8 * uniform_bpb(cache)
+    assert int(values["num_steps"]) > 10 and int(values["depth"]) == 2
+    assert float(values["training_seconds"]) >= 4.0 and float(values["peak_vram_mb"]) > 0
+    assert values["profile"] == "cpu" and values["dataset"] == "stdlib"
+    if values["device"] == "cpu":
+        assert values["attention"] == "sdpa" and values["mfu_percent"] == "0.00"
+    log = result.stdout.splitlines()
+    for decision in ("device:", "precision:", "attention:", "compile:"):  # printed at start-up, with the reason
+        assert any(line.startswith(decision) and len(line) > 20 for line in log), decision
+    assert "\rstep 00010" in result.stdout
+
+
+def test_diverging_run_fails_fast(cache, tmp_path):
+    path = train_copy(tmp_path, MATRIX_LR="1e38", EMBEDDING_LR="1e38", UNEMBEDDING_LR="1e38")
+    result = run_train(path, cache, budget="60")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "\nFAIL" in result.stdout and "---" not in result.stdout.splitlines()
+
+
+def test_indivisible_batch_is_a_clear_error(cache, tmp_path):
+    result = run_train(train_copy(tmp_path, TOTAL_BATCH_SIZE="3000"), cache)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "TOTAL_BATCH_SIZE" in result.stderr and "DEVICE_BATCH_SIZE" in result.stderr
+
+
+def test_missing_data_names_prepare(tmp_path):
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    result = run_train(REPO / "train.py", empty)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "prepare.py" in result.stderr
