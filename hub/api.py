@@ -139,6 +139,12 @@ async def http_error(request: Request, e: StarletteHTTPException):
     message = "no such endpoint" if e.status_code == 404 else str(e.detail).lower()
     return JSONResponse({"error": message}, status_code=e.status_code)
 
+
+@app.exception_handler(Exception)
+async def server_error(request: Request, e: Exception):
+    # the hub's own fault (git or the disk failed): JSON like every other error, and no internals; uvicorn logs it
+    return JSONResponse({"error": f"internal error in the hub ({type(e).__name__}): see its log"}, status_code=500)
+
 # ---------------------------------------------------------------------------
 # The API: agents and git
 
