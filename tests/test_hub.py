@@ -6,6 +6,7 @@ git itself: a fetched bundle must unbundle and check out in an unrelated reposit
 index, the object store and the incoming folder as they were.
 Run: uv run pytest tests/test_hub.py   (the helpers here are shared by tests/test_hub_*.py)
 """
+import hashlib
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from hub.core import Config, Hub, HubError
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_ENV = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
@@ -129,14 +132,14 @@ def program_blocks() -> dict[str, str]:
     return {b.split("\n", 1)[0].lstrip("# ").strip(): b for b in blocks}
 
 
-def run_blocks(hub: HubServer, home: Path, repo: Path, names: list[str], **env: str) -> str:
+def run_blocks(hub: HubServer, home: Path, repo: Path, names: list[str], check: bool = True, **env: str) -> str:
     """Run program-hub.md's blocks as written, in this order and in one bash, as the agent whose home is `home`
-    ('register once' loads the key of an agent that is registered already)."""
+    ('register once' loads the key of an agent that is registered already); check: the script must succeed."""
     blocks = program_blocks()
     script = "\n".join(blocks[name] for name in names)
     result = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, text=True, timeout=60,
                             env={**BASE_ENV, "HOME": str(home), "HUB": hub.url, **env})
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0 or not check, result.stdout + result.stderr
     return result.stdout
 
 
@@ -217,10 +220,14 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     commit = beta.get(f"/api/git/commits/{improved[:9]}").json()
     assert commit["agent_id"] == "beta" and commit["message"] == "halve the learning rate"
     assert commit["parents"] == [baseline] and commit["author_time"].endswith("Z")
+    assert commit["created_at"].endswith("Z")  # the push time
     diff = beta.get(f"/api/git/diff/{short}/{improved[:7]}")
     assert diff.status_code == 200 and "+lr = 0.5" in diff.text
     mine = beta.get("/api/git/commits", params={"agent": "beta", "limit": 5}).json()
     assert [c["hash"] for c in mine] == [improved]
+    newest_first = [c["hash"] for c in beta.get("/api/git/commits", params={"limit": 500}).json()]
+    assert newest_first.index(improved) < newest_first.index(baseline)
+    assert len(beta.get("/api/git/commits", params={"limit": 1}).json()) == 1
 
     results = beta.get("/api/results", params={"platform": "cpu-test"}).json()
     assert [(r["val_bpb"], r["commit"], r["dataset"], r["profile"]) for r in results] == [
@@ -254,6 +261,23 @@ def test_a_crash_and_a_discard_are_posted_but_not_kept(hub, tmp_path):
     posts = gamma.get("/api/channels/discussion/posts", params={"limit": 1}).json()
     assert posts[0]["content"] == "**wider** is out of memory at 2 GB" and posts[0]["agent_id"] == "gamma"
 
+    # a #results post that does not parse stays a post and stays out of the table
+    table = len(gamma.get("/api/results").json())
+    note = gamma.post("/api/channels/results/posts", json={"content": "commit:abc1234 looked odd, re-running it"})
+    assert note.status_code == 201
+    assert gamma.get("/api/channels/results/posts", params={"limit": 1}).json()[0]["id"] == note.json()["id"]
+    assert len(gamma.get("/api/results").json()) == table
+
+
+@needs_curl
+def test_a_taken_name_saves_no_key_and_another_name_registers(hub, mallory, tmp_path):
+    repo, home = make_repo(tmp_path / "t", "taken"), tmp_path / "home"
+    home.mkdir()
+    out = run_blocks(hub, home, repo, ["register once"], check=False, AGENT_NAME="mallory")
+    assert "is taken" in out and not (home / ".agenthub_creds").exists()
+    run_blocks(hub, home, repo, ["register once"], AGENT_NAME="mallory-2")
+    assert 'AGENT_ID="mallory-2"' in (home / ".agenthub_creds").read_text()
+
 
 def test_posts_page_back_with_before(hub, mallory):
     assert mallory.post("/api/channels", json={"name": "paging", "description": ""}).status_code == 201
@@ -276,12 +300,19 @@ def test_bad_pushes_are_rejected_and_store_nothing(hub, mallory, tmp_path):
     good = bundle(repo)
     before = hub_state(hub.data)
     unknown_parent = git(repo, "rev-parse", "HEAD~1")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    malformed = subprocess.run(  # a commit with no author email: a well-formed pack that fails the fsck checks
+        ["git", "hash-object", "-t", "commit", "-w", "--literally", "--stdin"], cwd=repo, capture_output=True,
+        text=True, check=True, input=f"tree {tree}\nauthor nobody 1700000000 +0000\n"
+                                     "committer a <a@example.com> 1700000000 +0000\n\nbad\n").stdout.strip()
+    git(repo, "update-ref", "refs/heads/malformed", malformed)
     cases = {
         "garbage": (b"this is not a bundle" * 50, 400, "not a git bundle"),
         "empty": (b"", 400, "empty body"),
         "truncated": (good[: len(good) // 2], 400, "truncated or invalid"),
         "header only": (good[: good.index(b"PACK")], 400, "no pack data"),
         "unknown prerequisite": (bundle(repo, "HEAD~1..HEAD"), 400, unknown_parent),
+        "fails fsck": (bundle(repo, "malformed"), 400, "missingEmail"),
         "bad header line": (b"# v2 git bundle\nnot-a-hash HEAD\n\nPACK", 400, "bad line"),
         "partial clone filter": (b"# v3 git bundle\n@filter=blob:none\n" + good.split(b"\n", 1)[1], 400,
                                  "not supported"),
@@ -300,6 +331,18 @@ def test_bad_hashes_get_400_and_unknown_ones_404(hub, mallory):
             assert r.status_code == 400 and "error" in r.json(), (path, r.status_code, r.text)
     assert mallory.get("/api/git/fetch/" + "0" * 40).status_code == 404
     assert mallory.get("/api/git/commits/deadbeef").json() == {"error": "unknown commit deadbeef"}
+
+
+def test_a_prefix_that_two_commits_share_is_ambiguous(tmp_path):
+    hub = Hub(Config(tmp_path / "data"))
+    with hub.store.transaction() as db:
+        for sha in ("abcdef1" + "0" * 33, "abcdef1" + "1" * 33):
+            db.execute("INSERT INTO commits (hash, parents, message, author_time, agent_id, pushed_at, depth) "
+                       "VALUES (?, '', '', '', 'a', '', 0)", (sha,))
+    with pytest.raises(HubError) as e:
+        hub.resolve("abcdef1")
+    assert e.value.status == 400 and "ambiguous" in e.value.message
+    assert hub.resolve("ABCDEF11") == "abcdef1" + "1" * 33
 
 
 @needs_curl
@@ -380,6 +423,23 @@ def test_closed_hub_needs_the_admin_key(tmp_path):
         agent = server.register("insider", admin_key="lab-secret")
         assert len(agent.key) == 64 and agent.get("/api/git/leaves").json() == []
         with sqlite3.connect(server.data / "hub.db") as db:  # only the key's hash is stored
-            assert db.execute("SELECT key_hash FROM agents").fetchone()[0] != agent.key
+            stored = db.execute("SELECT key_hash FROM agents").fetchone()[0]
+        assert stored == hashlib.sha256(agent.key.encode()).hexdigest()
+    finally:
+        server.stop()
+
+
+def test_a_fault_of_the_hub_is_a_json_500(tmp_path):
+    server = HubServer(tmp_path / "data").start()
+    try:
+        agent = server.register("unlucky")
+        repo = make_repo(tmp_path / "r", "unlucky")
+        first = git(repo, "rev-parse", "HEAD")
+        second = commit_change(repo, "x = 2\n", "two")
+        assert agent.push(bundle(repo)).status_code == 200
+        for f in (server.data / "repo.git" / "objects" / "pack").iterdir():  # the disk loses the objects
+            f.unlink()
+        r = agent.get(f"/api/git/diff/{first}/{second}")
+        assert r.status_code == 500 and "internal error" in r.json()["error"]
     finally:
         server.stop()
