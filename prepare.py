@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import queue
 import re
 import shutil
@@ -146,13 +147,24 @@ def check_reachable(url, timeout=5.0):
     """Fail fast (seconds, not minutes of retries) when the host cannot be reached at all."""
     parts = urlparse(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except OSError as e:
-        raise SystemExit(
-            f"prepare.py: cannot reach {parts.hostname}:{port} ({e}). Offline? Use the built-in corpus with "
-            "`uv run prepare.py --dataset stdlib`, your own files with `uv run prepare.py --from PATH`, "
-            "or a mirror via HF_ENDPOINT.")
+    outcome = []
+    def connect():
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+    # one deadline for it all: the DNS lookup has no timeout, and create_connection's applies per address
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if outcome and outcome[0] is None:
+        return
+    reason = outcome[0] if outcome else f"no answer within {timeout:g} s"
+    raise SystemExit(
+        f"prepare.py: cannot reach {parts.hostname}:{port} ({reason}). Offline? Use the built-in corpus with "
+        "`uv run prepare.py --dataset stdlib`, your own files with `uv run prepare.py --from PATH`, "
+        "or a mirror via HF_ENDPOINT.")
 
 def download_shard(url, path, attempts=5, backoff=1.0):
     """Fetch one shard to a temporary name, verify it, then rename. Retries transient failures."""
@@ -160,7 +172,8 @@ def download_shard(url, path, attempts=5, backoff=1.0):
         try:
             with requests.get(url, stream=True, timeout=(5, 60)) as r:
                 if r.status_code == 404:
-                    raise DownloadError(f"{path.name} not found at {url} (HTTP 404)")
+                    raise DownloadError(f"{path.name} not found at {url} (HTTP 404): ask for fewer shards "
+                                        "with --num-shards, or set HF_ENDPOINT to a mirror that has it")
                 r.raise_for_status()
                 def save(tmp):
                     with open(tmp, "wb") as f:
@@ -174,7 +187,8 @@ def download_shard(url, path, attempts=5, backoff=1.0):
             raise
         except (requests.RequestException, OSError, ValueError) as e:
             if attempt == attempts:
-                raise DownloadError(f"{path.name}: failed after {attempts} attempts: {e}")
+                raise DownloadError(f"{path.name}: failed after {attempts} attempts ({e}): run the same "
+                                    "command again to resume (valid shards are kept)")
             time.sleep(backoff * 2 ** (attempt - 1))
 
 def download_climbmix(num_shards, workers=8, backoff=1.0):
@@ -192,21 +206,24 @@ def download_climbmix(num_shards, workers=8, backoff=1.0):
     check_reachable(base)
     done, nbytes, t0, errors = 0, 0, time.time(), []
     with ThreadPoolExecutor(max(1, min(workers, len(missing)))) as pool:
-        futures = [pool.submit(download_shard, f"{base}/{shard_name(i)}", shard_dir / shard_name(i),
-                               backoff=backoff) for i in missing]
-        for future in futures:
-            try:
-                nbytes += future.result()
-                done += 1
-            except DownloadError as e:
-                errors.append(str(e))
-            rate = nbytes / 1e6 / max(time.time() - t0, 1e-9)
-            print(f"\rData: downloaded {done}/{len(missing)} shards, {nbytes / 1e6:.0f} MB, {rate:.1f} MB/s",
-                  end="", flush=True)
+        try:
+            futures = [pool.submit(download_shard, f"{base}/{shard_name(i)}", shard_dir / shard_name(i),
+                                   backoff=backoff) for i in missing]
+            for future in futures:
+                try:
+                    nbytes += future.result()
+                    done += 1
+                except DownloadError as e:
+                    errors.append(str(e))
+                rate = nbytes / 1e6 / max(time.time() - t0, 1e-9)
+                print(f"\rData: downloaded {done}/{len(missing)} shards, {nbytes / 1e6:.0f} MB, {rate:.1f} MB/s",
+                      end="", flush=True)
+        finally:
+            pool.shutdown(cancel_futures=True)  # on Ctrl-C, wait only for the shards already downloading
     print()
     if errors:
-        raise SystemExit("prepare.py: download failed:\n  " + "\n  ".join(errors) +
-                         "\nRun the same command again to resume (valid shards are kept).")
+        more = f" (and {len(errors) - 1} more shards failed)" if len(errors) > 1 else ""
+        raise SystemExit(f"prepare.py: {errors[0]}{more}")
 
 # ---------------------------------------------------------------------------
 # stdlib and --from: build shards from local text, with a deterministic split
@@ -306,12 +323,9 @@ def corpus_documents(source, files):
 
 def write_text_shards(out_dir, documents):
     """Split documents train/val, chunk them, and write parquet shards; returns (train names, val name, stats)."""
-    train, val, n_docs = [], [], 0
+    train, val = [], []
     for key, text in documents:
         (val if is_val_doc(key) else train).append((key, text))
-        n_docs += 1
-    if n_docs < 2:
-        raise SystemExit(f"prepare.py: the corpus has {n_docs} non-empty document(s); at least 2 are needed")
     if not val:  # small corpora: hold out the one document the hash ranks first, so val is never empty
         val.append(min(train, key=lambda d: hashlib.sha1(d[0].encode()).digest()))
         train.remove(val[0])
@@ -335,7 +349,7 @@ def write_text_shards(out_dir, documents):
         names.append(shard_name(len(names)))
         save(names[-1], shard)
     save("val.parquet", val)
-    return names, "val.parquet", dict(documents=n_docs, val_documents=len(val))
+    return names, "val.parquet", dict(documents=len(train) + len(val), val_documents=len(val))
 
 def fingerprint(documents):
     h = hashlib.sha256()
@@ -438,9 +452,23 @@ def prepare_climbmix(num_shards, workers):
     activate("climbmix")
     return meta
 
+def remove_stale_builds():
+    """Delete build folders left by prepare runs that were killed; a running prepare's folder is kept."""
+    for folder in CACHE_DIR.glob(".*.building-*"):
+        try:
+            os.kill(int(folder.name.rsplit("-", 1)[1]), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not our naming, or another user's live process: leave it alone
+
 def prepare_local(name, documents, extra):
     """Build a dataset from local documents into a temporary folder, then move it into place whole."""
+    remove_stale_builds()
     docs = list(documents)
+    if len(docs) < 2:  # the split needs a train and a val document
+        raise SystemExit(f"prepare.py: {extra.get('source', name)} has {len(docs)} non-empty document(s), at "
+                         "least 2 are needed: point --from at more .parquet, .jsonl or .txt text")
     fp = fingerprint(docs)
     meta = read_meta(name)
     if meta and meta.get("fingerprint") == fp:
@@ -471,6 +499,18 @@ def active_dataset():
         raise SystemExit(f"no prepared dataset in {CACHE_DIR}: run `uv run prepare.py` "
                          "(or `uv run prepare.py --dataset stdlib` offline)")
     return name
+
+def dataset_label(name=None):
+    """The dataset (the active one by default) as one word precise enough to tell results apart: climbmix,
+    stdlib-py3.11.7-1a2b3c4d (interpreter and content hash), from-NAME-1a2b3c4d (content hash)."""
+    name = name or active_dataset()
+    meta = read_meta(name)
+    parts = [name]
+    if meta.get("python"):
+        parts.append(f"py{meta['python']}")
+    if meta.get("fingerprint"):
+        parts.append(meta["fingerprint"][:8])
+    return "-".join(parts)
 
 class Tokenizer:
     """Thin wrapper around the tiktoken encoding that prepare.py trained."""
@@ -521,11 +561,15 @@ def iter_documents(paths, bos, epochs=None):
     """(token array of one BOS-led document, epoch) in fixed order, cycling over epochs (forever by default)."""
     epoch = 1
     while epochs is None or epoch <= epochs:
+        found = False
         for path in paths:
             tokens = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, np.uint16)
             starts = np.flatnonzero(tokens == bos).tolist() + [len(tokens)]
             for a, b in zip(starts[:-1], starts[1:]):
+                found = True
                 yield tokens[a:b], epoch
+        if not found:
+            return  # every file is empty: stop, so the caller reports it instead of cycling forever
         epoch += 1
 
 def pack_rows(documents, B, T, buffer_size=1000):
@@ -577,7 +621,7 @@ def make_dataloader(tokenizer, B, T, split, device="cpu", buffer_size=1000):
     threading.Thread(target=produce, daemon=True).start()
     while not isinstance(item := batches.get(), BaseException):
         rows, epoch = item
-        rows = rows.to(device, non_blocking=True)
+        rows = rows.to(device, non_blocking=(device.type == "cuda"))  # only CUDA copies from pinned memory
         yield rows[:, :-1], rows[:, 1:], epoch
     raise item
 
@@ -619,7 +663,7 @@ def print_summary(meta):
     root = dataset_dir(meta["name"])
     shards = [root / "shards" / s for s in meta["train"]]
     print("---")
-    print(f"dataset:     {meta['name']}")
+    print(f"dataset:     {dataset_label(meta['name'])}")
     print(f"train:       {len(shards)} shards, {sum(p.stat().st_size for p in shards) / 1e6:.1f} MB")
     print(f"val:         {meta['val']}, {meta['val_tokens']:,} tokens")
     print(f"tokenizer:   {root / 'tokenizer'} (vocab {meta['vocab_size']})")
@@ -646,8 +690,8 @@ def main():
         name = "from-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", source.stem).strip("-.") or "corpus")
         meta = prepare_local(name, corpus_documents(source, files), dict(source=str(source.resolve())))
     elif args.dataset == "stdlib":
-        version = ".".join(map(str, sys.version_info[:3]))
-        meta = prepare_local("stdlib", stdlib_documents(), dict(source="Python standard library", python=version))
+        meta = prepare_local("stdlib", stdlib_documents(),
+                             dict(source="Python standard library", python=platform.python_version()))
     else:
         meta = prepare_climbmix(MAX_SHARD if args.num_shards == -1 else args.num_shards, args.download_workers)
     print_summary(meta)

@@ -8,7 +8,11 @@ import io
 import json
 import math
 import os
+import platform
 import random
+import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +44,21 @@ def random_text(rng, n_words):
             if rng.random() < 0.3:
                 lines.append("")  # blank lines: the natural chunk boundaries
     return "\n".join(lines + [" ".join(line)])
+
+
+def finishes(fn, seconds):
+    """Run fn on a daemon thread; its exception (or None) if it returns within `seconds`, else 'still running'."""
+    outcome = []
+    def target():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return outcome[0] if outcome else "still running"
 
 
 def run_prepare(cache, *args, env=None, timeout=120):
@@ -105,7 +124,7 @@ def naive_best_fit(docs, B, T, buffer_size):
 
 @pytest.mark.parametrize("B,T,buffer_size", [(1, 16, 5), (3, 32, 20), (4, 64, 1000)])
 def test_pack_rows_matches_naive_best_fit(B, T, buffer_size):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(T)
     docs = [np.concatenate([[0], rng.integers(1, 500, rng.integers(1, 3 * T))]) for _ in range(300)]
     got = [rows for rows, _ in prepare.pack_rows(((d, 1) for d in docs), B, T, buffer_size)]
     want = naive_best_fit(docs, B, T, buffer_size)
@@ -115,7 +134,7 @@ def test_pack_rows_matches_naive_best_fit(B, T, buffer_size):
 
 
 def test_pack_rows_invariants():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     B, T = 4, 48
     docs = [np.concatenate([[0], rng.integers(1, 500, rng.integers(1, 80))]) for _ in range(500)]
     whole = {tuple(d) for d in docs}
@@ -161,12 +180,42 @@ def test_loader_failure_reaches_consumer(tiny, tmp_path, monkeypatch):
         next(prepare.make_dataloader(tok, 2, 16, "train"))
 
 
+def test_loader_on_empty_token_files_raises_instead_of_spinning(tiny, tmp_path, monkeypatch):
+    tok, _ = tiny
+    (tmp_path / "empty.bin").touch()
+    monkeypatch.setattr(prepare, "token_files", lambda split: [tmp_path / "empty.bin"] * 2)
+    error = finishes(lambda: next(prepare.make_dataloader(tok, 2, 16, "train")), seconds=10)
+    assert isinstance(error, RuntimeError) and "the train split has no documents" in str(error)
+
+
+def test_loader_copies_blocking_off_cuda(tiny, monkeypatch):
+    """Non-blocking copies are for pinned memory on CUDA; elsewhere (CPU, MPS) the copy must be synchronous."""
+    tok, _ = tiny
+    calls, to = [], torch.Tensor.to
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking"))
+        return to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    next(prepare.make_dataloader(tok, 2, 16, "train", device="cpu"))
+    assert calls == [False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loader_on_cuda_matches_cpu(tiny):
+    tok, _ = tiny
+    cpu = prepare.make_dataloader(tok, 4, 32, "train")
+    cuda = prepare.make_dataloader(tok, 4, 32, "train", device="cuda")
+    for _ in range(5):
+        (xc, yc, ec), (xg, yg, eg) = next(cpu), next(cuda)
+        assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc) and eg == ec
+
+
 # ---------------------------------------------------------------------------
 # Chunking and local corpora
 # ---------------------------------------------------------------------------
 
 def test_chunk_text_is_lossless_and_bounded():
-    rng = random.Random()
+    rng = random.Random(0)
     for _ in range(50):
         text = random_text(rng, rng.randint(1, 4000))
         if rng.random() < 0.2:
@@ -220,7 +269,7 @@ def test_from_corpus_end_to_end(tmp_path):
     write_corpus(tmp_path / "mycorpus")
     r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus"))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "dataset:     from-mycorpus" in r.stdout
+    assert re.search(r"^dataset:     from-mycorpus-[0-9a-f]{8}$", r.stdout, re.MULTILINE)
     assert (tmp_path / "cache" / "active").read_text().strip() == "from-mycorpus"
     meta = json.loads((tmp_path / "cache" / "from-mycorpus" / "meta.json").read_text())
     assert meta["documents"] == 85 and meta["val_documents"] >= 1
@@ -253,9 +302,23 @@ def test_empty_folder_and_empty_corpus(tmp_path, cache):
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("   \n")
     r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "blank"))
-    assert r.returncode != 0 and "0 non-empty document(s)" in r.stderr
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert f"{(tmp_path / 'blank').resolve()} has 0 non-empty document(s)" in r.stderr
+    assert "point --from at more .parquet, .jsonl or .txt text" in r.stderr
     assert not (tmp_path / "cache" / "active").exists()
     assert not list((tmp_path / "cache").glob(".*"))  # no build leftovers
+
+
+def test_stale_build_folders_of_dead_runs_are_removed(cache):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = cache / f".tiny.building-{dead.pid}"
+    running = cache / f".other.building-{os.getpid()}"
+    for folder in (killed, running):
+        (folder / "shards").mkdir(parents=True)
+    rng = random.Random(2)
+    prepare.prepare_local("tiny", [(f"d{i}", random_text(rng, 100)) for i in range(10)], {})
+    assert not killed.exists() and running.exists()
 
 
 def test_failed_rebuild_keeps_previous_dataset(tmp_path):
@@ -455,13 +518,16 @@ def test_download_retries_transient_500_and_refetches_truncated(server, cache):
     assert (shard_dir() / prepare.shard_name(1)).read_bytes() == server.files[prepare.shard_name(1)]
 
 
-def test_download_missing_shard_is_a_clear_error(server, cache):
+def test_download_missing_shard_is_one_line_naming_shard_and_fixes(server, tmp_path):
     server.files.pop(prepare.shard_name(1))
-    with pytest.raises(SystemExit, match=r"shard_00001.parquet not found at http://127.0.0.1:\d+/.*\(HTTP 404\)"):
-        prepare.download_climbmix(2, workers=2, backoff=0.01)
+    r = run_prepare(tmp_path / "cache", "--num-shards", "3", env={"HF_ENDPOINT": server.endpoint})
+    assert r.returncode != 0
+    assert re.fullmatch(r"prepare\.py: shard_00001\.parquet not found at http://127\.0\.0\.1:\d+/\S+ \(HTTP 404\): "
+                        r"ask for fewer shards with --num-shards, or set HF_ENDPOINT to a mirror that has it\n",
+                        r.stderr)
     assert server.requests.count(prepare.shard_name(1)) == 1  # a 404 is not retried
-    assert not (shard_dir() / prepare.shard_name(1)).exists()
-    assert (shard_dir() / prepare.shard_name(0)).exists()  # the rest is kept for a resume
+    shards = tmp_path / "cache" / "climbmix" / "shards"
+    assert sorted(p.name for p in shards.iterdir()) == [prepare.shard_name(i) for i in (0, 2, prepare.VAL_SHARD)]
 
 
 def test_download_persistent_truncation_leaves_no_file(server, cache):
@@ -469,6 +535,25 @@ def test_download_persistent_truncation_leaves_no_file(server, cache):
     with pytest.raises(SystemExit, match="shard_00000.parquet: failed after 5 attempts"):
         prepare.download_climbmix(1, workers=1, backoff=0.01)
     assert sorted(p.name for p in shard_dir().iterdir()) == [prepare.shard_name(prepare.VAL_SHARD)]
+
+
+def test_ctrl_c_cancels_queued_downloads(cache, monkeypatch):
+    s = ShardServer([prepare.shard_name(i) for i in list(range(8)) + [prepare.VAL_SHARD]])
+    monkeypatch.setenv("HF_ENDPOINT", s.endpoint)
+    real = prepare.download_shard
+    def first_download_gets_ctrl_c(url, path, **kwargs):
+        if path.name == prepare.shard_name(0):
+            time.sleep(0.5)  # by now the main thread waits on the first result
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a KeyboardInterrupt in the main thread
+            time.sleep(0.5)
+        return real(url, path, **kwargs)
+    monkeypatch.setattr(prepare, "download_shard", first_download_gets_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare.download_climbmix(8, workers=1, backoff=0.01)
+    finally:
+        s.close()
+    assert s.requests == [prepare.shard_name(0)]  # the one in flight finishes; the 8 queued never start
 
 
 def test_download_resumes_after_interruption(server, cache):
@@ -490,11 +575,46 @@ def test_unreachable_host_fails_fast_naming_offline_options(tmp_path):
     assert "cannot reach 127.0.0.1:9" in r.stderr and "--dataset stdlib" in r.stderr and "--from" in r.stderr
 
 
+@pytest.fixture
+def silent_port():
+    """A port on 127.0.0.1 where connect hangs: the listener's backlog is full, so the kernel drops new SYNs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.2)
+    yield port
+    for sock in fillers + [listener]:
+        sock.close()
+
+
+@pytest.mark.parametrize("hang", ["connect", "dns"])
+def test_unanswered_host_fails_within_one_deadline(silent_port, monkeypatch, hang):
+    """A name with three silent addresses, or a DNS lookup that never returns: both within the one deadline."""
+    real = socket.getaddrinfo
+    def lookup(host, port, *args, **kwargs):
+        if hang == "dns":
+            time.sleep(60)
+        return real("127.0.0.1", silent_port, *args, **kwargs) * 3
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=rf"cannot reach mirror.invalid:{silent_port} \(no answer within 1 s\)"
+                                         r"\. Offline\? .*--dataset stdlib.*--from PATH"):
+        prepare.check_reachable(f"http://mirror.invalid:{silent_port}/x", timeout=1.0)
+    assert time.time() - t0 < 1.5
+
+
 def test_climbmix_cli_end_to_end(server, tmp_path):
     r = run_prepare(tmp_path / "cache", "--num-shards", "2", "--download-workers", "2",
                     env={"HF_ENDPOINT": server.endpoint})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "dataset:     climbmix" in r.stdout and "train:       2 shards" in r.stdout
+    assert "dataset:     climbmix\n" in r.stdout and "train:       2 shards" in r.stdout
     root = tmp_path / "cache" / "climbmix"
     assert sorted(p.name for p in (root / "tokens").iterdir()) == ["shard_00000.bin", "shard_00001.bin",
                                                                    "shard_06542.bin"]
@@ -502,11 +622,29 @@ def test_climbmix_cli_end_to_end(server, tmp_path):
     assert again.returncode == 0 and "3/3 shards present and valid" in again.stdout  # no network needed
 
 
-def test_stdlib_records_python_version_and_fingerprint(tmp_path, monkeypatch):
-    """The built-in dataset, restricted to a few stdlib files so the test stays fast."""
-    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "cache")
-    docs = [d for d in prepare.stdlib_documents() if d[0].startswith("json/")]
-    assert docs == sorted(docs) and len(docs) >= 4
-    meta = prepare.prepare_local("stdlib", docs, dict(python="3.x"))
-    assert meta["fingerprint"] == prepare.fingerprint(docs) and meta["python"] == "3.x"
-    assert prepare.active_dataset() == "stdlib"
+def test_stdlib_label_names_interpreter_and_content(cache, monkeypatch, capsys):
+    """`prepare.py --dataset stdlib` through main(), on the stdlib's json/ files only so the test stays fast."""
+    real = prepare.stdlib_documents
+    edit = {}  # key -> text appended to that document
+    def json_package():
+        for key, text in real():
+            if key.startswith("json/"):
+                yield key, text + edit.get(key, "")
+    monkeypatch.setattr(prepare, "stdlib_documents", json_package)
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--dataset", "stdlib"])
+
+    def prepare_and_label():
+        prepare.main()
+        label = prepare.dataset_label()
+        assert f"dataset:     {label}\n" in capsys.readouterr().out
+        return label
+
+    first = prepare_and_label()
+    meta = prepare.read_meta("stdlib")
+    assert meta["python"] == platform.python_version() and meta["documents"] >= 4
+    assert re.fullmatch(rf"stdlib-py{re.escape(platform.python_version())}-[0-9a-f]{{8}}", first)
+    assert first.endswith(meta["fingerprint"][:8])
+    assert prepare_and_label() == first  # same interpreter, same files: same label
+    edit["json/decoder.py"] = "\n# one more line\n"
+    second = prepare_and_label()
+    assert second != first and second.startswith(f"stdlib-py{platform.python_version()}-")
