@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (MAX_SEQ_LEN, PROFILE, PROFILE_REASON, TIME_BUDGET, Tokenizer, active_dataset, evaluate_bpb,
+from prepare import (MAX_SEQ_LEN, PROFILE, PROFILE_REASON, TIME_BUDGET, Tokenizer, dataset_label, evaluate_bpb,
                      make_dataloader)
 
 # ---------------------------------------------------------------------------
@@ -35,16 +35,21 @@ EMBEDDING_LR = 0.6            # AdamW lr of token and value embeddings, times (m
 UNEMBEDDING_LR = 0.004        # AdamW lr of lm_head, times (model_dim/768)^-0.5
 SCALAR_LR = 0.5               # AdamW lr of x0_lambdas; resid_lambdas get 0.01 of it
 ADAM_BETAS = (0.8, 0.95)      # AdamW betas (x0_lambdas use (0.96, 0.95))
-MATRIX_LR = 0.04              # Muon lr of every matrix inside the blocks
-MUON_MOMENTUM = (0.85, 0.95)  # Muon Nesterov momentum, warmed up from the first to the second value...
-MUON_MOMENTUM_STEPS = 300     # ...over this many steps
+MATRIX_OPTIMIZER = "normuon"  # block matrices: normuon, muon, adamuon, mano, newton_muon or adamw
+MATRIX_LR = 0.04              # lr of every matrix inside the blocks, whichever MATRIX_OPTIMIZER steps them
+MUON_MOMENTUM_START = 0.85    # momentum of the matrix optimizer, ramped linearly from START...
+MUON_MOMENTUM_END = 0.95      # ...to END...
+MUON_MOMENTUM_RAMP_STEPS = 300  # ...over this many steps
 NORMUON_BETA2 = 0.95          # EMA of NorMuon's second moment
-NS_STEPS = 5                  # Polar Express iterations
-WEIGHT_DECAY = 0.2            # cautious weight decay of the Muon matrices, decayed linearly to 0 over the run
+NS_STEPS = 5                  # Polar Express iterations; beyond 5, Newton-Schulz polishing steps
+WEIGHT_DECAY = 0.2            # weight decay of the block matrices (cautious, except adamw), decayed linearly to 0
 WARMUP_RATIO = 0.0            # share of the budget spent warming the lr up
 WARMDOWN_RATIO = 0.5          # share of the budget at the end spent decaying the lr linearly...
 FINAL_LR_FRAC = 0.0           # ...to this fraction of its peak
 SEED = 42
+
+# Architecture (size and batch follow, per device)
+N_LOOPS = 1                   # the stack of blocks runs this many times with shared weights (a looped transformer)
 
 # Size and batch, the one per-device choice (prepare.py picks the profile). gpu: the reference baseline, so an
 # H100 run compares with its published val_bpb 0.9979. cpu (and MPS): measured side by side on a 2-core AMD EPYC,
@@ -173,6 +178,7 @@ class GPTConfig:
     n_kv_head: int = 4
     n_embd: int = 256
     window_pattern: str = "SSSL"
+    n_loops: int = 1
     attention: str = "sdpa"  # a key of ATTENTION_BACKENDS
 
 
@@ -181,7 +187,8 @@ def model_config(depth, vocab_size, attention="sdpa"):
     model_dim = -(-depth * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
     n_head = model_dim // HEAD_DIM
     return GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN, attention=attention)
+                     n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN, n_loops=N_LOOPS,
+                     attention=attention)
 
 
 def norm(x):
@@ -259,10 +266,13 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
+        # looped model: per-channel gates of the attention and MLP branches from the loop's embedding (LoopFormer,
+        # arXiv 2602.11451, minimally); zero-initialised, so every extra loop starts as the identity
+        self.loop_gate = nn.Linear(config.n_embd, 2 * config.n_embd, bias=False) if config.n_loops > 1 else None
 
-    def forward(self, x, ve, cos, sin, window):
-        x = x + self.attn(norm(x), ve, cos, sin, window)
-        return x + self.mlp(norm(x))
+    def forward(self, x, ve, cos, sin, window, gates=(1.0, 1.0)):
+        x = x + gates[0] * self.attn(norm(x), ve, cos, sin, window)
+        return x + gates[1] * self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -274,8 +284,10 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))    # scale the residual stream per layer
-        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))  # mix the embedding back in per layer
+        n_applied = config.n_layer * config.n_loops  # a looped layer gets its own scalars on every loop
+        self.resid_lambdas = nn.Parameter(torch.ones(n_applied))   # scale the residual stream per layer
+        self.x0_lambdas = nn.Parameter(torch.zeros(n_applied))     # mix the embedding back in per layer
+        self.loop_embeds = nn.ParameterList(torch.zeros(config.n_embd) for _ in range(config.n_loops - 1))
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * head_dim)
                                            for i in range(config.n_layer) if has_ve(i, config.n_layer)})
         cos, sin = rotary_tables(config.sequence_len, head_dim, torch.float32, None)
@@ -294,12 +306,16 @@ class GPT(nn.Module):
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            for gate in (block.attn.ve_gate, block.loop_gate):
+                if gate is not None:
+                    nn.init.zeros_(gate.weight)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -bound, bound)
+        for loop_embed in self.loop_embeds:  # last, so the shared weights draw what N_LOOPS = 1 draws
+            nn.init.normal_(loop_embed, std=1.0)
         self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+        self.x0_lambdas.zero_()
+        self.x0_lambdas[:self.config.n_layer] = 0.1  # 0 on extra loops keeps them the identity at first
         self.wte.to(dtype)
         self.value_embeds.to(dtype)
         device = self.wte.weight.device
@@ -310,10 +326,14 @@ class GPT(nn.Module):
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = x0 = norm(self.wte(idx))
-        for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i])
+        n_layer = self.config.n_layer
+        ves = [self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None for i in range(n_layer)]
+        for loop in range(self.config.n_loops):  # rotary positions, value embeddings and x0 the same every loop
+            for i, block in enumerate(self.blocks):
+                j = loop * n_layer + i
+                x = self.resid_lambdas[j] * x + self.x0_lambdas[j] * x0
+                gates = (1.0, 1.0) if loop == 0 else block.loop_gate(norm(self.loop_embeds[loop - 1])).chunk(2)
+                x = block(x, ves[i], cos, sin, self.window_sizes[i], gates)
         logits = self.lm_head(norm(x)).float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
@@ -322,36 +342,41 @@ class GPT(nn.Module):
                                reduction=reduction)
 
     def num_flops_per_token(self):
-        """Training FLOPs per token: 6 per weight that multiplies (embedding lookups excluded) plus attention."""
-        embedding_numel = self.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
-        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
-        matmul_params = sum(p.numel() for p in self.parameters()) - embedding_numel - scalars
+        """Training FLOPs per token: 6 per weight that multiplies a token (embedding lookups and the per-loop gates
+        excluded), plus attention; the blocks count once per loop."""
+        block_matmuls = sum(p.numel() for name, p in self.blocks.named_parameters() if "loop_gate" not in name)
         head_dim = self.config.n_embd // self.config.n_head
         T = self.config.sequence_len
         attention = sum(12 * self.config.n_head * head_dim * min(w + 1, T) for w in self.window_sizes)
-        return 6 * matmul_params + attention
+        return 6 * self.lm_head.weight.numel() + self.config.n_loops * (6 * block_matmuls + attention)
 
     def setup_optimizer(self, orth_dtype=torch.bfloat16, compile=False):
-        """AdamW for embeddings, head and scalars; Muon for every block matrix, one group per shape."""
+        """AdamW for embeddings, head and scalars; MATRIX_OPTIMIZER for every block matrix, one group per shape."""
+        if MATRIX_OPTIMIZER not in MATRIX_RULES and MATRIX_OPTIMIZER != "adamw":
+            raise SystemExit(f"MATRIX_OPTIMIZER = {MATRIX_OPTIMIZER!r}: use one of {', '.join(MATRIX_RULES)}, adamw")
         lr_scale = (self.config.n_embd / 768) ** -0.5  # the Adam lrs were tuned at width 768
         adam = dict(kind="adamw", betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)
         groups = [
             dict(adam, params=[self.lm_head.weight], lr=UNEMBEDDING_LR * lr_scale),
-            dict(adam, params=[self.wte.weight], lr=EMBEDDING_LR * lr_scale),
+            dict(adam, params=[self.wte.weight, *self.loop_embeds], lr=EMBEDDING_LR * lr_scale),
             dict(adam, params=list(self.value_embeds.parameters()), lr=EMBEDDING_LR * lr_scale),
             dict(adam, params=[self.resid_lambdas], lr=SCALAR_LR * 0.01),
             dict(adam, params=[self.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
         ]
         matrices = [p for p in self.blocks.parameters() if p.ndim == 2]
-        for shape in sorted({p.shape for p in matrices}):
-            groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=MATRIX_LR,
-                               momentum=MUON_MOMENTUM[0], beta2=NORMUON_BETA2, ns_steps=NS_STEPS,
-                               weight_decay=WEIGHT_DECAY))
+        if MATRIX_OPTIMIZER == "adamw":
+            groups.append(dict(adam, params=matrices, lr=MATRIX_LR, weight_decay=WEIGHT_DECAY))
+        else:
+            for shape in sorted({p.shape for p in matrices}):
+                same_shape = [p for p in matrices if p.shape == shape]
+                groups.append(dict(kind="matrix", rule=MATRIX_OPTIMIZER, params=same_shape, lr=MATRIX_LR,
+                                   momentum=MUON_MOMENTUM_START, beta2=NORMUON_BETA2, ns_steps=NS_STEPS,
+                                   weight_decay=WEIGHT_DECAY))
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "a parameter has no group"
         return MuonAdamW([g for g in groups if g["params"]], orth_dtype=orth_dtype, compile=compile)
 
 # ---------------------------------------------------------------------------
-# Optimizer: AdamW + Muon (Polar Express, NorMuon, cautious weight decay)
+# Optimizer: AdamW, and a table of update rules for the block matrices (Muon and its variants)
 # ---------------------------------------------------------------------------
 
 # Polar Express quintics (a, b, c), one per iteration: Amsel et al. arXiv 2505.16932, the set used by
@@ -363,6 +388,13 @@ POLAR_EXPRESS_COEFFS = [
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 ]
+# iterations past the 5 above repeat the quintic with a fixed point at 1 (p(1) = 1, p'(1) = 0), as the Polar
+# Express paper's Algorithm 1 does past its own list
+POLISH_COEFFS = (1.875, -1.25, 0.375)
+# Newton-Muon's input statistics: gathered every 16 steps into an EMA with decay 0.8 (the record #28 settings of
+# zhehangdu/Newton-Muon, train_gpt_newton_muon_2.py)
+NEWTON_REFRESH_STEPS = 16
+NEWTON_EMA = 0.8
 
 
 def polar_express(G, ns_steps=NS_STEPS, dtype=torch.bfloat16):
@@ -371,7 +403,7 @@ def polar_express(G, ns_steps=NS_STEPS, dtype=torch.bfloat16):
     X = G.to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= ||X||_F, with 2% margin
     tall = X.size(-2) > X.size(-1)
-    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps] + [POLISH_COEFFS] * (ns_steps - len(POLAR_EXPRESS_COEFFS)):
         if tall:
             A = X.mT @ X
             X = a * X + X @ (b * A + c * (A @ A))
@@ -390,20 +422,85 @@ def normuon(O, second_moment, beta2):
     return scaled * (O.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
+def nesterov_(grads, momentum_buffer, momentum):
+    """Muon's Nesterov momentum in EMA form: updates the buffer in place, returns the look-ahead direction."""
+    momentum_buffer.lerp_(grads, 1 - momentum)
+    return grads.lerp(momentum_buffer, momentum)
+
+
+def shape_factor(params):
+    return max(1.0, params.size(-2) / params.size(-1)) ** 0.5  # Keller Jordan's lr scale for tall matrices
+
+# Update rules for a stack of same-shape matrices (leading dim = which matrix): each returns the update and the
+# factor on the group's lr with which cautious_update_ applies it, and keeps its state in the buffers passed in.
+
+def muon_rule(grads, params, momentum_buffer, momentum, ns_steps, orth_dtype, **_):
+    O = polar_express(nesterov_(grads, momentum_buffer, momentum), ns_steps, orth_dtype)
+    return O.to(params.dtype), shape_factor(params)
+
+
+def normuon_rule(grads, params, momentum_buffer, second_moment, momentum, beta2, ns_steps, orth_dtype, **_):
+    O = polar_express(nesterov_(grads, momentum_buffer, momentum), ns_steps, orth_dtype)
+    return normuon(O.to(params.dtype), second_moment, beta2), shape_factor(params)
+
+
+def newton_muon_rule(grads, params, preconditioner, **muon_args):
+    """Newton-Muon (arXiv 2604.01472): Muon on the raw gradient right-multiplied by the inverse of its layer's
+    input second moment (MuonAdamW.refresh_preconditioners keeps it; the identity until the first refresh)."""
+    return muon_rule(grads @ preconditioner.to(grads.dtype), params, **muon_args)
+
+
+def adamuon_rule(grads, params, momentum_buffer, second_moment, momentum, ns_steps, orth_dtype, **_):
+    """AdaMuon (arXiv 2507.11005; Chongjie-Si/AdaMuon at 369f0b3): orthogonalise the sign of the Nesterov
+    direction, divide by the EMA of its element-wise square (beta2 = momentum, no bias correction, float32),
+    then rescale every matrix to an RMS of 0.2."""
+    O = polar_express(nesterov_(grads, momentum_buffer, momentum).sign(), ns_steps, orth_dtype).float()
+    second_moment.lerp_(O.square(), 1 - momentum)
+    U = O / (second_moment.sqrt() + 1e-8)
+    U = U * (0.2 * U[0].numel() ** 0.5 / (U.norm(dim=(-2, -1), keepdim=True) + 1e-8))
+    return U.to(params.dtype), 1.0
+
+
+def mano_rule(grads, params, momentum_buffer, momentum, odd_step, **_):
+    """Mano (arXiv 2601.23000 v2; xie-lab-ml/Mano-Restriking-Manifold-Optimization-for-LLM-Training mano_v2.py):
+    no orthogonalisation. Heavy-ball momentum with Nesterov look-ahead, projected onto the tangent space of the
+    oblique manifold at W along the columns on even steps and the rows on odd ones, normalised along that axis."""
+    dim = -1 if odd_step else -2  # -2: each column is one vector
+    momentum_buffer.mul_(momentum).add_(grads)
+    D = grads + momentum * momentum_buffer
+    T = D - (D * params).sum(dim=dim, keepdim=True) * params
+    return (0.2 * params.size(dim) ** 0.5) * T / (T.norm(dim=dim, keepdim=True) + 1e-8), 1.0
+
+
+MATRIX_RULES = {"normuon": normuon_rule, "muon": muon_rule, "adamuon": adamuon_rule, "mano": mano_rule,
+                "newton_muon": newton_muon_rule}
+
+
 def cautious_update_(params, update, lr, weight_decay):
     """p -= lr * (u + wd * p), decaying only where u and p share a sign (cautious weight decay, arXiv 2510.12402)."""
     decay = (update * params >= 0).to(params.dtype)
     params.sub_(lr * (update + weight_decay * params * decay))
 
 
-def muon_step(params, grads, momentum_buffer, second_moment, momentum, lr, weight_decay, beta2, ns_steps,
-              orth_dtype):
-    """One Muon step on a stack of same-shape matrices (leading dim = which matrix), updated in place."""
-    momentum_buffer.lerp_(grads, 1 - momentum)
-    nesterov = grads.lerp(momentum_buffer, momentum)
-    update = normuon(polar_express(nesterov, ns_steps, orth_dtype).to(params.dtype), second_moment, beta2)
-    lr = lr * max(1.0, params.size(-2) / params.size(-1)) ** 0.5  # Keller Jordan's shape factor
-    cautious_update_(params, update, lr, weight_decay)
+def matrix_step(rule, params, grads, buffers, momentum, lr, weight_decay, beta2, ns_steps, orth_dtype, odd_step):
+    """One step of MATRIX_RULES[rule] on a stack of same-shape matrices, updated in place."""
+    update, lr_factor = MATRIX_RULES[rule](grads, params, **buffers, momentum=momentum, beta2=beta2,
+                                           ns_steps=ns_steps, orth_dtype=orth_dtype, odd_step=odd_step)
+    cautious_update_(params, update, lr * lr_factor, weight_decay)
+
+
+def matrix_buffers(rule, stacked):
+    """The state a rule keeps for a stack of (rows, cols) matrices."""
+    buffers = dict(momentum_buffer=torch.zeros_like(stacked))
+    rows, cols = stacked.shape[-2:]
+    if rule == "normuon":  # one second moment per index of the larger side
+        buffers["second_moment"] = stacked.new_zeros(len(stacked), rows, 1) if rows >= cols else \
+            stacked.new_zeros(len(stacked), 1, cols)
+    if rule == "adamuon":
+        buffers["second_moment"] = torch.zeros_like(stacked, dtype=torch.float32)
+    if rule == "newton_muon":  # float32 whatever the parameters' dtype; the identity until the first refresh
+        buffers["preconditioner"] = torch.eye(cols, device=stacked.device).repeat(len(stacked), 1, 1)
+    return buffers
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
@@ -415,18 +512,38 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
     param.sub_(lr / (1 - beta1 ** step) * exp_avg / denom)
 
 
+@torch.no_grad()
+def input_second_moments(model, idx):
+    """{weight: X^T X / N of its input} for every block matrix over one forward of idx, averaged over the
+    loops that apply it: Newton-Muon's statistics."""
+    sums, hooks = {}, []
+    def record(module, args, output):
+        x = args[0].reshape(-1, args[0].size(-1)).float()
+        total, calls = sums.get(module.weight, (0.0, 0))
+        sums[module.weight] = (total + x.T @ x / len(x), calls + 1)
+    for module in model.blocks.modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(record))
+    try:
+        model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {weight: total / calls for weight, (total, calls) in sums.items()}
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups of kind "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum, beta2, ns_steps,
-    weight_decay; all params one shape). Changing scalars travel as 0-D tensors so compiled steps never
-    recompile when the schedules move them."""
+    """Param groups of kind "adamw" (lr, betas, eps, weight_decay) or "matrix" (rule, lr, momentum, beta2,
+    ns_steps, weight_decay; all params one shape, stepped as one stack). Changing scalars travel as 0-D tensors
+    so compiled steps never recompile when the schedules move them."""
 
     def __init__(self, param_groups, orth_dtype=torch.bfloat16, compile=False):
         super().__init__(param_groups, defaults={})
         for group in self.param_groups:
-            group["initial_lr"] = group["lr"]
+            group["initial_lr"], group["initial_weight_decay"] = group["lr"], group["weight_decay"]
         self.orth_dtype = orth_dtype
         maybe_compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
-        self._adamw_step, self._muon_step = maybe_compile(adamw_step), maybe_compile(muon_step)
+        self._adamw_step, self._matrix_step = maybe_compile(adamw_step), maybe_compile(matrix_step)
         self._scalars = {name: torch.tensor(0.0) for name in ("step", "lr", "beta1", "beta2", "eps", "wd", "mom")}
 
     def _scalar(self, name, value):
@@ -435,7 +552,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            (self._step_adamw if group["kind"] == "adamw" else self._step_muon)(group)
+            (self._step_adamw if group["kind"] == "adamw" else self._step_matrix)(group)
 
     def _step_adamw(self, group):
         for p in group["params"]:
@@ -450,21 +567,39 @@ class MuonAdamW(torch.optim.Optimizer):
                              self._scalar("beta2", group["betas"][1]), self._scalar("eps", group["eps"]),
                              self._scalar("wd", group["weight_decay"]))
 
-    def _step_muon(self, group):
+    def _matrix_state(self, group):
+        state = self.state[group["params"][0]]
+        if not state:
+            state["step"], state["buffers"] = 0, matrix_buffers(group["rule"], torch.stack(group["params"]))
+        return state
+
+    def _step_matrix(self, group):
         params = group["params"]
         stacked = torch.stack(params)
         grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
-        state = self.state[params[0]]
-        if not state:
-            rows, cols = stacked.shape[-2:]
-            state["momentum_buffer"] = torch.zeros_like(stacked)
-            state["second_moment"] = stacked.new_zeros(len(params), rows, 1) if rows >= cols else \
-                stacked.new_zeros(len(params), 1, cols)
-        self._muon_step(stacked, grads, state["momentum_buffer"], state["second_moment"],
-                        self._scalar("mom", group["momentum"]), self._scalar("lr", group["lr"]),
-                        self._scalar("wd", group["weight_decay"]), self._scalar("beta2", group["beta2"]),
-                        group["ns_steps"], self.orth_dtype)
+        state = self._matrix_state(group)
+        self._matrix_step(group["rule"], stacked, grads, state["buffers"], self._scalar("mom", group["momentum"]),
+                          self._scalar("lr", group["lr"]), self._scalar("wd", group["weight_decay"]),
+                          self._scalar("beta2", group["beta2"]), group["ns_steps"], self.orth_dtype,
+                          state["step"] % 2 == 1)
+        state["step"] += 1
         torch._foreach_copy_(params, list(stacked.unbind(0)))
+
+    @torch.no_grad()
+    def refresh_preconditioners(self, input_moments):
+        """Newton-Muon: fold each weight's input second moment into its EMA K, then store (K + ridge)^-1 by a
+        float32 Cholesky inverse (the identity where K is not positive definite); ridge = 0.2 tr(K) / n."""
+        for group in self.param_groups:
+            if group.get("rule") != "newton_muon":
+                continue
+            state = self._matrix_state(group)
+            moments = torch.stack([input_moments[p] for p in group["params"]])
+            eye = torch.eye(moments.size(-1), device=moments.device)
+            K = state.setdefault("input_moment", 1e-3 * eye.expand_as(moments).clone())  # the EMA starts at 1e-3 I
+            K.lerp_(moments, 1 - NEWTON_EMA)
+            ridge = 0.2 * K.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-8
+            L, info = torch.linalg.cholesky_ex(K + ridge[:, None, None] * eye)
+            state["buffers"]["preconditioner"] = torch.where((info == 0)[:, None, None], torch.cholesky_inverse(L), eye)
 
 # ---------------------------------------------------------------------------
 # Set-up decisions: one small function each, returning the choice and why (printed at start-up)
@@ -558,12 +693,23 @@ def lr_multiplier(progress):
 
 
 def muon_momentum(step):
-    frac = min(step / MUON_MOMENTUM_STEPS, 1.0)
-    return (1 - frac) * MUON_MOMENTUM[0] + frac * MUON_MOMENTUM[1]
+    frac = min(step / MUON_MOMENTUM_RAMP_STEPS, 1.0) if MUON_MOMENTUM_RAMP_STEPS > 0 else 1.0
+    return (1 - frac) * MUON_MOMENTUM_START + frac * MUON_MOMENTUM_END
 
 
-def muon_weight_decay(progress):
-    return WEIGHT_DECAY * (1 - progress)
+def weight_decay_multiplier(progress):
+    return 1 - progress
+
+
+def update_schedules(optimizer, step, progress):
+    """Move every group's lr, weight decay and momentum to where the schedules put them; returns the lr multiplier."""
+    lrm = lr_multiplier(progress)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        group["weight_decay"] = group["initial_weight_decay"] * weight_decay_multiplier(progress)
+        if group["kind"] == "matrix":
+            group["momentum"] = muon_momentum(step)
+    return lrm
 
 # ---------------------------------------------------------------------------
 # Training
@@ -571,7 +717,7 @@ def muon_weight_decay(progress):
 
 def main():
     t_start = time.time()
-    dataset = active_dataset()  # exits with the prepare.py command to run when nothing is prepared
+    dataset = dataset_label()  # exits with the prepare.py command to run when nothing is prepared
     tokenizer = Tokenizer.from_directory()
     device, why = pick_device()
     print(f"device:    {device} ({why})")
@@ -622,12 +768,10 @@ def main():
             print(f"\nFAIL: training loss {train_loss} at step {step}")
             sys.exit(1)
         progress = min(training_seconds / TIME_BUDGET, 1.0)
-        lrm = lr_multiplier(progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
-                group["weight_decay"] = muon_weight_decay(progress)
+        lrm = update_schedules(optimizer, step, progress)
+        if MATRIX_OPTIMIZER == "newton_muon" and (step + 1) % NEWTON_REFRESH_STEPS == 0:
+            with autocast:
+                optimizer.refresh_preconditioners(input_second_moments(model, x))
         optimizer.step()
         model.zero_grad(set_to_none=True)
         synchronize(device)

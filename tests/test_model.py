@@ -274,3 +274,76 @@ def test_fa3_loading_offline_gives_up_within_seconds(monkeypatch):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     if not CUDA:
         assert fa3 is None and why
+
+
+# --- looped model (N_LOOPS) ---------------------------------------------------------------------------------
+
+def randomized_pair(seed=11):
+    """An N_LOOPS=1 model and an N_LOOPS=2 model with the same random shared weights; the looped one keeps its
+    extra loop's initial gates (zero) and scalars (resid 1, x0 0)."""
+    models = {}
+    for n_loops in (1, 2):
+        models[n_loops] = build(tiny_config(n_kv_head=2, n_loops=n_loops))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in models[n_loops].named_parameters():
+                if "loop" not in name and "lambdas" not in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            n_layer = models[n_loops].config.n_layer
+            models[n_loops].resid_lambdas[:n_layer] = torch.rand(n_layer, generator=g) + 0.5
+            models[n_loops].x0_lambdas[:n_layer] = torch.rand(n_layer, generator=g)
+    return models[1], models[2]
+
+
+def test_second_loop_starts_as_the_identity():
+    one, two = randomized_pair()
+    idx = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(two(idx), one(idx))  # exactly: zero gates and zero x0 mix on the extra loop
+        for block in two.blocks:
+            block.loop_gate.weight.normal_(0, 0.1)
+        assert (two(idx) - one(idx)).abs().max() > 1e-2  # opened gates do change the output
+
+
+def test_init_makes_extra_loops_neutral():
+    model = build(tiny_config(n_loops=3))
+    assert model.resid_lambdas.shape == model.x0_lambdas.shape == (12,)
+    assert torch.equal(model.resid_lambdas, torch.ones(12))
+    assert torch.equal(model.x0_lambdas, torch.tensor([0.1] * 4 + [0.0] * 8))
+    assert len(model.loop_embeds) == 2 and all(b.loop_gate.weight.abs().max() == 0 for b in model.blocks)
+    assert build(tiny_config()).blocks[0].loop_gate is None and len(build(tiny_config()).loop_embeds) == 0
+
+
+def test_gradients_reach_shared_weights_from_both_loops():
+    """A shared weight's gradient is the sum over its two applications of dY^T X (captured per call)."""
+    _, model = randomized_pair()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.loop_gate.weight.normal_(0, 0.1)
+    linear = model.blocks[1].mlp.c_fc
+    calls = []
+    def capture(module, args, out):
+        call = {"x": args[0].detach()}
+        out.register_hook(lambda grad: call.update(dy=grad))
+        calls.append(call)
+    hook = linear.register_forward_hook(capture)
+    idx = torch.randint(0, 96, (2, 32))
+    model(idx, torch.randint(0, 96, (2, 32))).backward()
+    hook.remove()
+    assert len(calls) == 2
+    terms = [torch.einsum("bto,bti->oi", c["dy"].double(), c["x"].double()) for c in calls]
+    assert all(t.abs().max() > 1e-4 for t in terms)  # each loop contributes
+    torch.testing.assert_close(linear.weight.grad.double(), terms[0] + terms[1], rtol=1e-4, atol=1e-6)
+
+
+def test_flops_count_every_loop():
+    """The blocks' share of the FLOPs doubles with two loops; the head's does not; the gates cost nothing per token."""
+    config = tiny_config()
+    one, two = GPT(config), GPT(tiny_config(n_loops=2))
+    head = 6 * config.vocab_size * config.n_embd
+    assert two.num_flops_per_token() - head == 2 * (one.num_flops_per_token() - head)
+    d, T = config.n_embd, config.sequence_len
+    per_layer = 6 * (4 * d * d + 8 * d * d)  # q, k, v, proj; MLP in and out
+    ve_gates = 6 * sum(train.VE_GATE_CHANNELS * config.n_kv_head for i in range(4) if has_ve(i, 4))
+    attention = sum(12 * d * min(w + 1, T) for w in layer_windows(config))
+    assert one.num_flops_per_token() == head + 4 * per_layer + ve_gates + attention

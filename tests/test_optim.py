@@ -57,6 +57,22 @@ def test_polar_express_singular_values_in_band(shape, dtype, band):
     assert band[0] <= sv.min() and sv.max() <= band[1], (sv.min().item(), sv.max().item())
 
 
+@pytest.mark.parametrize("ns_steps,band", [(6, (0.99, 1.01)), (7, (0.99999, 1.00001))])
+def test_polar_express_past_five_steps_polishes_toward_one(ns_steps, band):
+    """NS_STEPS > 5 appends Newton-Schulz steps (15x - 10x^3 + 3x^5)/8: the band around 1 narrows each time."""
+    s = torch.logspace(-3, 0, 5000, dtype=torch.float64)
+    x = s / 1.02
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        x = a * x + b * x**3 + c * x**5
+    for _ in range(ns_steps - 5):
+        x = (15 * x - 10 * x**3 + 3 * x**5) / 8
+    assert band[0] <= x.min() and x.max() <= band[1]
+    g = torch.Generator().manual_seed(ns_steps)
+    G = with_singular_values(40, 24, torch.logspace(-2, 0, 24, dtype=torch.float64), g)
+    sv = torch.linalg.svdvals(polar_express(G, ns_steps, torch.float64))
+    assert band[0] <= sv.min() and sv.max() <= band[1], (sv.min().item(), sv.max().item())
+
+
 def test_polar_express_keeps_singular_vectors():
     """Output ~ U f(S) V^T: with orthonormal U, V of the input, U^T out V is diagonal."""
     g = torch.Generator().manual_seed(1)
@@ -109,7 +125,7 @@ class ReferenceMuon:
 
 
 def muon_optimizer(params, lr=0.04, beta2=0.95, weight_decay=0.2):
-    group = dict(kind="muon", params=params, lr=lr, momentum=0.85, beta2=beta2, ns_steps=5,
+    group = dict(kind="matrix", rule="normuon", params=params, lr=lr, momentum=0.85, beta2=beta2, ns_steps=5,
                  weight_decay=weight_decay)
     return MuonAdamW([group], orth_dtype=torch.float64)
 
@@ -237,7 +253,7 @@ def test_setup_optimizer_groups_every_parameter_once():
     optimizer = model.setup_optimizer(orth_dtype=torch.float32)
     seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
-    muon = [group for group in optimizer.param_groups if group["kind"] == "muon"]
+    muon = [group for group in optimizer.param_groups if group["kind"] == "matrix"]
     block_matrices = {id(p) for p in model.blocks.parameters() if p.ndim == 2}
     assert {id(p) for group in muon for p in group["params"]} == block_matrices
     assert all(len({p.shape for p in group["params"]}) == 1 for group in muon)
@@ -271,7 +287,13 @@ def test_schedules():
     assert train.lr_multiplier(1 - train.WARMDOWN_RATIO) == 1.0
     assert math.isclose(train.lr_multiplier(1 - train.WARMDOWN_RATIO / 2), (1 + train.FINAL_LR_FRAC) / 2)
     assert math.isclose(train.lr_multiplier(1.0), train.FINAL_LR_FRAC)
-    assert train.muon_momentum(0) == train.MUON_MOMENTUM[0]
-    assert math.isclose(train.muon_momentum(train.MUON_MOMENTUM_STEPS // 2), sum(train.MUON_MOMENTUM) / 2)
-    assert train.muon_momentum(10 * train.MUON_MOMENTUM_STEPS) == train.MUON_MOMENTUM[1]
-    assert train.muon_weight_decay(0.0) == train.WEIGHT_DECAY and train.muon_weight_decay(1.0) == 0.0
+    start, end, ramp = train.MUON_MOMENTUM_START, train.MUON_MOMENTUM_END, train.MUON_MOMENTUM_RAMP_STEPS
+    assert train.muon_momentum(0) == start
+    assert math.isclose(train.muon_momentum(ramp // 2), (start + end) / 2)
+    assert train.muon_momentum(10 * ramp) == end
+    assert train.weight_decay_multiplier(0.0) == 1.0 and train.weight_decay_multiplier(1.0) == 0.0
+
+
+def test_constant_momentum_when_the_ramp_is_zero(monkeypatch):
+    monkeypatch.setattr(train, "MUON_MOMENTUM_RAMP_STEPS", 0)
+    assert train.muon_momentum(0) == train.muon_momentum(1000) == train.MUON_MOMENTUM_END
