@@ -519,8 +519,9 @@ def input_second_moments(model, idx):
     sums, hooks = {}, []
     def record(module, args, output):
         x = args[0].reshape(-1, args[0].size(-1)).float()
-        total, calls = sums.get(module.weight, (0.0, 0))
-        sums[module.weight] = (total + x.T @ x / len(x), calls + 1)
+        with torch.autocast(x.device.type, enabled=False):  # float32 statistics under a bf16 forward too
+            total, calls = sums.get(module.weight, (0.0, 0))
+            sums[module.weight] = (total + x.T @ x / len(x), calls + 1)
     for module in model.blocks.modules():
         if isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(record))
@@ -645,11 +646,19 @@ def matmul_seconds(device, dtype, n=512, reps=3):
 
 
 def pick_dtype(device):
-    """Compute dtype: bf16 on CUDA; elsewhere bf16 only if a matmul probe on this machine says it is faster."""
+    """Compute dtype: bf16 on CUDA GPUs that have it natively; elsewhere bf16 only if a matmul probe on this
+    machine says it is faster."""
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what stays in fp32
+        if not torch.cuda.is_bf16_supported(including_emulation=False):  # before Ampere: emulated, slow
+            return torch.float32, f"fp32: no native bf16 on compute capability {torch.cuda.get_device_capability()}"
         return torch.bfloat16, "bf16 autocast on CUDA"
-    fp32, bf16 = matmul_seconds(device, torch.float32), matmul_seconds(device, torch.bfloat16)
+    fp32 = bf16 = math.inf
+    for _ in range(3):  # interleaved, best of 3: a burst of other load hits both dtypes alike
+        fp32 = min(fp32, matmul_seconds(device, torch.float32))
+        bf16 = min(bf16, matmul_seconds(device, torch.bfloat16))
+        if bf16 > 2 * fp32:  # clearly slower (140x on AVX2-only CPUs): no need to measure it again
+            break
     if bf16 < 0.8 * fp32:
         return torch.bfloat16, f"bf16: a 512x512 matmul takes {bf16 / fp32:.2f}x the fp32 time here"
     return torch.float32, f"fp32: a 512x512 bf16 matmul takes {bf16 / fp32:.1f}x the fp32 time here"
@@ -771,7 +780,8 @@ def main():
         lrm = update_schedules(optimizer, step, progress)
         if MATRIX_OPTIMIZER == "newton_muon" and (step + 1) % NEWTON_REFRESH_STEPS == 0:
             with autocast:
-                optimizer.refresh_preconditioners(input_second_moments(model, x))
+                input_moments = input_second_moments(model, x)
+            optimizer.refresh_preconditioners(input_moments)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         synchronize(device)

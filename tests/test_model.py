@@ -241,6 +241,10 @@ def test_model_config_rounds_width_up_to_whole_heads(monkeypatch):
 # --- start-up decisions ------------------------------------------------------------------------------------
 
 def test_pick_dtype_follows_the_probe(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert train.pick_dtype("cuda")[0] == torch.float32  # a V100: bf16 would be emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert train.pick_dtype("cuda")[0] == torch.bfloat16
     slow_bf16 = {torch.float32: 1.0, torch.bfloat16: 50.0}
     monkeypatch.setattr(train, "matmul_seconds", lambda device, dtype: slow_bf16[dtype])

@@ -227,6 +227,20 @@ def test_input_second_moments_match_captured_inputs():
     assert len(captured[model.blocks[0].mlp.c_fc.weight]) == 2  # both loops were seen
 
 
+def test_statistics_stay_float32_under_bf16_autocast():
+    """train.py gathers Newton-Muon's statistics inside the bf16 autocast of CUDA (and of bf16-fast CPUs)."""
+    model = train.GPT(tiny_config())
+    model.init_weights(torch.bfloat16)
+    idx = torch.randint(0, 96, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moments = train.input_second_moments(model, idx)
+    assert all(m.dtype == torch.float32 for m in moments.values())
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    optimizer = matrix_optimizer([matrices[0]], "newton_muon")
+    optimizer.refresh_preconditioners(moments)
+    assert torch.isfinite(optimizer.state[matrices[0]]["buffers"]["preconditioner"]).all()
+
+
 # --- every variant trains ---------------------------------------------------------------------------------
 
 def tiny_config(**overrides):
