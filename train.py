@@ -11,12 +11,15 @@ import gc
 import math
 import os
 import platform
+import re
 import resource
 import socket
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 # OpenMP threads waiting at a barrier spin 1,000 rounds before sleeping, not libgomp's default 300,000: as fast on
 # a quiet CPU, and a busy neighbour no longer inflates the CPU time that the budget counts (bench/noise.py --load)
@@ -129,31 +132,49 @@ def prepare_attention(backend, seq_len, windows, device):
                                                            device=device)
 
 
+# FlashAttention-3 through `kernels`. kernels-community is the kernels project's own organisation, a trusted
+# publisher, which kernels >= 0.15 loads without trust_remote_code (kernels/hf_hub.py, _check_trust_remote_code);
+# its flash-attn3 v1 builds cover Ampere and Hopper, loaded this way by modded-nanogpt since its record 29. The
+# reference's first choice, varunneal/flash-attention-3, is a personal repository that the trust check refuses.
+FA3_REPO, FA3_VERSION = "kernels-community/flash-attn3", 1
+
+
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # huggingface_hub's reading
+
+
 def hub_reachable(timeout=1.5):
+    """Whether the hub answers on TCP: HF_ENDPOINT's host (a lab's mirror) or huggingface.co."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
         return True
-    except OSError:
+    except (OSError, TypeError):
         return False
 
 
 def load_fa3():
-    """(flash_attn_interface or None, why). Offline, `kernels` retries for ~25 s, so probe the hub first."""
-    if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub at import: only the local cache is tried
-    failures = []
+    """(flash_attn_interface or None, why). With the hub unreachable `kernels` retries for ~25 s, so probe it first
+    and go offline, where only the local cache is tried."""
+    if not hub_offline() and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub when `kernels` imports it
     try:
-        hopper = torch.cuda.get_device_capability() == (9, 0)
         from kernels import get_kernel
-    except Exception as e:  # no CUDA, no `kernels`
-        return None, f"{type(e).__name__}: {e}"
-    for repo in (["varunneal/flash-attention-3"] if hopper else []) + ["kernels-community/flash-attn3"]:
-        try:  # kernels >= 0.15 requires a version; offline and not cached it raises at once
-            kernel = get_kernel(repo, version=1)
-            return getattr(kernel, "flash_attn_interface", kernel), f"FlashAttention-3 from {repo}"
-        except Exception as e:
-            failures.append(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
-    return None, "; ".join(failures)
+        kernel = get_kernel(FA3_REPO, version=FA3_VERSION)
+    except Exception as e:  # no `kernels`, offline and not cached, no build for this torch or GPU, ...
+        return None, f"{FA3_REPO} v{FA3_VERSION}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+    return getattr(kernel, "flash_attn_interface", kernel), f"FlashAttention-3 from {FA3_REPO} v{FA3_VERSION}"
+
+
+def fa3_problem():
+    """None when the loaded FA3 runs and matches SDPA on a small bf16 input with a window, else what went wrong:
+    a build can load and still fail at its first call."""
+    try:
+        q, k, v = (torch.randn(2, 256, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        error = (attention_fa3(q, k, v, 127) - attention_sdpa(q, k, v, 127)).abs().max().item()
+    except Exception as e:
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+    return None if error < 0.05 else f"its output differs from SDPA's by {error:.3g}"
 
 
 def pick_attention(device):
@@ -161,8 +182,11 @@ def pick_attention(device):
     if device != "cuda":
         return "sdpa", f"{device}: SDPA (FlashAttention-3 and compiled FlexAttention need CUDA)"
     FA3, why = load_fa3()
-    if FA3 is not None:
+    problem = fa3_problem() if FA3 is not None else None
+    if FA3 is not None and problem is None:
         return "fa3", why
+    if problem:
+        FA3, why = None, f"{why} failed its check: {problem}"
     return "flex", f"FlexAttention, compiled (FlashAttention-3 unavailable: {why})"
 
 # ---------------------------------------------------------------------------
@@ -196,7 +220,9 @@ def model_config(depth, vocab_size, attention="sdpa"):
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    """RMS norm in x's dtype: CUDA autocast runs rms_norm in fp32 (torch >= 2.12), which would leave q and k fp32
+    beside a bf16 v and turn the residual stream fp32."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def has_ve(layer_idx, n_layer):
@@ -547,7 +573,9 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group["initial_lr"], group["initial_weight_decay"] = group["lr"], group["weight_decay"]
         self.orth_dtype = orth_dtype
-        maybe_compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
+        # dynamic shapes: one graph serves every parameter shape (AdamW sees them flattened), so the graphs stay
+        # few (per dtype, rule and flag) and far below dynamo's recompile limit of 8 for any model
+        maybe_compile = (lambda f: torch.compile(f, dynamic=True, fullgraph=True)) if compile else (lambda f: f)
         self._adamw_step, self._matrix_step = maybe_compile(adamw_step), maybe_compile(matrix_step)
         self._scalars = {name: torch.tensor(0.0) for name in ("step", "lr", "beta1", "beta2", "eps", "wd", "mom")}
 
@@ -563,14 +591,30 @@ class MuonAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if not state:
-                state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+            state = self._adamw_state(p)
             state["step"] += 1
-            self._adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], self._scalar("step", state["step"]),
+            self._adamw_step(p.view(-1), p.grad.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+                             self._scalar("step", state["step"]),
                              self._scalar("lr", group["lr"]), self._scalar("beta1", group["betas"][0]),
                              self._scalar("beta2", group["betas"][1]), self._scalar("eps", group["eps"]),
                              self._scalar("wd", group["weight_decay"]))
+
+    @torch.no_grad()
+    def init_state(self):
+        """Allocate every buffer now rather than at the first step, so memory measured before it is what training
+        needs."""
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p in group["params"]:
+                    self._adamw_state(p)
+            else:
+                self._matrix_state(group)
+
+    def _adamw_state(self, p):
+        state = self.state[p]
+        if not state:
+            state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+        return state
 
     def _matrix_state(self, group):
         state = self.state[group["params"][0]]
@@ -610,15 +654,51 @@ class MuonAdamW(torch.optim.Optimizer):
 # Set-up decisions: one small function each, returning the choice and why (printed at start-up)
 # ---------------------------------------------------------------------------
 
-BF16_PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}  # dense bf16, NVIDIA datasheets
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by device name, first match wins: NVIDIA's datasheets give
+# them with 2:4 sparsity, halved here. H100/H200 SXM and GH200: H100 datasheet 1,979 -> 989.5; H100 PCIe: 1,513
+# -> 756.5; H100 NVL and H200 NVL: 1,671 -> 835.5; A100: 624 -> 312; L40S and L40 list dense 362.05 and 181.05; L4:
+# 242 -> 121; A10: 250 -> 125; RTX A6000: 309.7 -> 154.8. GeForce, from the architecture whitepapers (bf16 with
+# fp32 accumulate, dense): RTX 3090 71 (GA102), RTX 4090 165.2 (Ada), RTX 5090 209.5 (RTX Blackwell).
+BF16_PEAK_FLOPS = [
+    (r"H100 PCIe", 756.5e12), (r"H[12]00 NVL", 835.5e12), (r"H100|H200|GH200", 989.5e12), (r"A100", 312e12),
+    (r"L40S", 362.05e12), (r"\bL40\b", 181.05e12), (r"\bL4\b", 121e12), (r"\bA10\b", 125e12),
+    (r"RTX A6000", 154.8e12), (r"RTX 3090", 71e12), (r"RTX 4090", 165.2e12), (r"RTX 5090", 209.5e12),
+]
 
 
 def pick_device():
     if torch.cuda.is_available():
         return "cuda", torch.cuda.get_device_name()
+    driver = nvidia_driver()
+    if driver and os.environ.get("CUDA_VISIBLE_DEVICES") != "":  # CUDA_VISIBLE_DEVICES= is a choice of the CPU
+        build = (f"is built for CUDA {torch.version.cuda}, which needs driver {CUDA_MIN_DRIVER.get(torch.version.cuda.split('.')[0], '?')} or newer"
+                 if torch.version.cuda else "is a CPU-only build")
+        raise SystemExit(f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} cannot use it: it "
+                         f"{build}. Update the driver or install a matching torch (README, GPU drivers); "
+                         "CUDA_VISIBLE_DEVICES= uv run train.py trains on the CPU on purpose")
     if torch.backends.mps.is_available():
         return "mps", "Apple GPU (Metal)"
     return "cpu", f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+CUDA_MIN_DRIVER = {"12": "525", "13": "580"}  # Linux, per CUDA major: NVIDIA's CUDA Compatibility guide, table 1
+
+
+def nvidia_driver():
+    """The loaded NVIDIA driver's version when there is one, else None: /proc/driver/nvidia/version on Linux,
+    nvidia-smi elsewhere (WSL)."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            found = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", f.read())
+        return found.group(1) if found else "of unknown version"
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def cpu_name():
@@ -650,18 +730,27 @@ def matmul_seconds(device, dtype, n=512, reps=3):
 
 
 def pick_dtype(device):
-    """Compute dtype: bf16 on CUDA GPUs that have it natively; elsewhere bf16 only if a matmul probe on this
-    machine says it is faster."""
+    """Compute dtype: bf16 on CUDA GPUs that have it natively and on the cpu-bf16 profile (a CPU with AMX); fp32
+    on other CPUs; on MPS, whichever a matmul probe finds faster."""
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what stays in fp32
         if not torch.cuda.is_bf16_supported(including_emulation=False):  # before Ampere: emulated, slow
             return torch.float32, f"fp32: no native bf16 on compute capability {torch.cuda.get_device_capability()}"
         return torch.bfloat16, "bf16 autocast on CUDA"
+    if device == "cpu":
+        if PROFILE == "cpu-bf16":
+            return torch.bfloat16, "bf16: profile cpu-bf16 (AMX multiplies bf16 at 4-7x the fp32 speed)"
+        return torch.float32, f"fp32: profile {PROFILE} (without AMX, bf16 matmuls measured 1.7-140x slower)"
+    return probe_dtype(device)
+
+
+def probe_dtype(device):
+    """bf16 if a 512x512 matmul on this device runs clearly faster in it than in fp32, else fp32."""
     fp32 = bf16 = math.inf
     for _ in range(3):  # interleaved, best of 3: a burst of other load hits both dtypes alike
         fp32 = min(fp32, matmul_seconds(device, torch.float32))
         bf16 = min(bf16, matmul_seconds(device, torch.bfloat16))
-        if bf16 > 2 * fp32:  # clearly slower (140x on AVX2-only CPUs): no need to measure it again
+        if bf16 > 2 * fp32:  # clearly slower: no need to measure it again
             break
     if bf16 < 0.8 * fp32:
         return torch.bfloat16, f"bf16: a 512x512 matmul takes {bf16 / fp32:.2f}x the fp32 time here"
@@ -677,6 +766,49 @@ def pick_compile(device):
     # measured on a 2-core AMD EPYC (d4 w128): ~25 s to compile, then 1.3-1.8x faster steps as the softcap and
     # cross-entropy over 8192 logits fuse; the optimizer is ~4% of a step there, not worth a compile per shape
     return True, False, "CPU: the model only; compile time is repaid within the first minute"
+
+
+def trial_step(train_model, model, autocast, device):
+    """try_rows for pick_micro_batch: one forward and backward of `rows` rows at the real shapes, gradients
+    cleared after."""
+    def try_rows(rows):
+        x = torch.zeros(rows, MAX_SEQ_LEN, dtype=torch.long, device=device)
+        try:
+            with autocast:
+                train_model(x, x).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+    return try_rows
+
+
+def cuda_free_gb():
+    """GPU memory this process may still take: free memory, capped by set_per_process_memory_fraction."""
+    free, total = torch.cuda.mem_get_info()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    return min(free, fraction * total - torch.cuda.memory_reserved()) / 2**30
+
+
+def pick_micro_batch(device, try_rows):
+    """(rows per forward and backward, why). DEVICE_BATCH_SIZE, except on CUDA where it does not fit in memory: then
+    the largest power of two below it for which try_rows(rows), a forward and backward, does not run out of memory.
+    Gradient accumulation makes up TOTAL_BATCH_SIZE either way, so every card takes the same optimizer steps."""
+    if device != "cuda":
+        return DEVICE_BATCH_SIZE, "DEVICE_BATCH_SIZE"
+    free_gb = cuda_free_gb()
+    smaller = [2**i for i in reversed(range(DEVICE_BATCH_SIZE.bit_length())) if 2**i < DEVICE_BATCH_SIZE]
+    too_big = []
+    for rows in [DEVICE_BATCH_SIZE] + [r for r in smaller if TOTAL_BATCH_SIZE % (r * MAX_SEQ_LEN) == 0]:
+        try:
+            try_rows(rows)
+        except torch.OutOfMemoryError:
+            too_big.append(rows)
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        return rows, (f"{too_big[0]} rows do not fit in {free_gb:.1f} GB free" if too_big else
+                      f"DEVICE_BATCH_SIZE fits in {free_gb:.1f} GB free")
+    raise SystemExit(f"not even one row of {MAX_SEQ_LEN} tokens fits in {free_gb:.1f} GB of GPU memory: make the "
+                     "model smaller (DEPTH, ASPECT_RATIO, N_LOOPS)")
 
 
 def pick_clock(device):
@@ -698,8 +830,9 @@ def peak_memory_mb(device):
 
 
 def peak_flops(device):
+    """This device's dense bf16 peak, or None when it is not in BF16_PEAK_FLOPS (MFU is then not reported)."""
     name = torch.cuda.get_device_name() if device == "cuda" else ""
-    return next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)
+    return next((flops for pattern, flops in BF16_PEAK_FLOPS if name and re.search(pattern, name)), None)
 
 # ---------------------------------------------------------------------------
 # Schedules, driven by progress = training time / budget
@@ -754,11 +887,9 @@ def main():
     print(f"profile:   {PROFILE} ({PROFILE_REASON}), dataset {dataset}, context {MAX_SEQ_LEN}")
     torch.manual_seed(SEED)
 
-    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
-    if TOTAL_BATCH_SIZE % tokens_per_fwdbwd:
+    if TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
         raise SystemExit(f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
-                         f"= {DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN} = {tokens_per_fwdbwd}: change one of them")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
+                         f"= {DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN} = {DEVICE_BATCH_SIZE * MAX_SEQ_LEN}: change one of them")
 
     config = model_config(DEPTH, tokenizer.get_vocab_size(), attention)
     with torch.device("meta"):
@@ -771,11 +902,14 @@ def main():
     print(f"model:     {config}")
     print(f"params:    {num_params / 1e6:.2f}M, {flops_per_token / 1e6:.1f} MFLOP/token, MFU "
           + (f"against {peak / 1e12:.1f} TFLOP/s bf16" if peak else "n/a (no known bf16 peak for this device)"))
-    print(f"batch:     {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}")
     optimizer = model.setup_optimizer(orth_dtype=dtype, compile=compile_optimizer)
     train_model = torch.compile(model, dynamic=False) if compile_model else model
     autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
+    optimizer.init_state()  # its buffers exist before the micro-batch is fitted around them
+    rows, why = pick_micro_batch(device, trial_step(train_model, model, autocast, device))
+    grad_accum_steps = TOTAL_BATCH_SIZE // (rows * MAX_SEQ_LEN)
+    print(f"batch:     {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {rows} x {MAX_SEQ_LEN} ({why})")
+    train_loader = make_dataloader(tokenizer, rows, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
 
     step, training_seconds, smooth_loss = 0, 0.0, 0.0
@@ -823,7 +957,7 @@ def main():
 
     t_eval = time.time()
     with autocast:
-        val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(train_model, tokenizer, rows)
     eval_seconds = time.time() - t_eval
     print(f"start-up and first 11 steps (compilation included): {warmup_seconds:.1f}s, evaluation: {eval_seconds:.1f}s")
     summary = [

@@ -1,13 +1,15 @@
 """Training-step speed per attention backend, side by side in one run, with the time spent waiting for data.
 
 On CUDA it runs train.py's reference default config (DEPTH 8, context 2048, 2^19 tokens per step) for each
-backend that loads (fa3, flex); on a CPU it runs a tiny config with sdpa so the script itself stays tested.
-Prints a table and writes it as JSON (device, torch version, date) to bench/results/gpu-<device name>.json.
-Needs a prepared dataset. Run: uv run bench/gpu.py [--steps 20] [--warmup 5]
+backend asked for; the micro-batch is fitted to memory as train.py fits it, and --memory-gb simulates smaller cards
+(24,40: one row per card size, each capped with set_per_process_memory_fraction). On a CPU it runs a tiny config
+with sdpa so the script itself stays tested. Prints a table and writes it as JSON (device, torch version, date) to
+bench/results/gpu-<device name>.json, or --out.
+Needs a prepared dataset. Run: uv run bench/gpu.py [--steps 20] [--warmup 5] [--backends fa3,flex]
 """
 import argparse
 import datetime
-import json
+import gc
 import re
 import sys
 import time
@@ -15,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
@@ -29,21 +32,27 @@ def tiny_cpu_config():
     train.TOTAL_BATCH_SIZE, train.DEVICE_BATCH_SIZE = 8 * prepare.MAX_SEQ_LEN, 4
 
 
-def backends(device):
+def backends(device, asked):
     if device != "cuda":
         return ["sdpa"]
-    found = ["flex"]
-    train.FA3, why = train.load_fa3()
-    if train.FA3 is not None:
-        found.insert(0, "fa3")
-    else:
-        print(f"fa3 skipped: {why}")
+    found = []
+    for backend in asked:
+        if backend == "fa3":
+            train.FA3, why = train.load_fa3()
+            if train.FA3 is None:
+                print(f"fa3 skipped: {why}")
+                continue
+        found.append(backend)
     return found
 
 
-def measure(backend, device, dtype, tokenizer, steps, warmup):
-    """Mean step time over `steps` timed steps after `warmup` (compilation) steps, and the share of it spent
-    in next(loader)."""
+def measure(backend, device, dtype, tokenizer, steps, warmup, memory_gb=None):
+    """Mean step time over `steps` timed steps after `warmup` (compilation) steps, the share of it spent in
+    next(loader), and the graphs compiled after warm-up (recompilations)."""
+    if memory_gb:  # a smaller card: this process may take only memory_gb of the GPU
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gb * 2**30 / torch.cuda.mem_get_info()[1]))
     torch.manual_seed(0)
     config = train.model_config(train.DEPTH, tokenizer.get_vocab_size(), backend)
     with torch.device("meta"):
@@ -54,12 +63,14 @@ def measure(backend, device, dtype, tokenizer, steps, warmup):
     optimizer = model.setup_optimizer(orth_dtype=dtype, compile=compile_model)
     step_model = torch.compile(model, dynamic=False) if compile_model else model
     autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    accum = train.TOTAL_BATCH_SIZE // (train.DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN)
-    loader = prepare.make_dataloader(tokenizer, train.DEVICE_BATCH_SIZE, prepare.MAX_SEQ_LEN, "train", device)
-    x, y, _ = next(loader)
+    optimizer.init_state()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
+    rows, why = train.pick_micro_batch(device, train.trial_step(step_model, model, autocast, device))
+    accum = train.TOTAL_BATCH_SIZE // (rows * prepare.MAX_SEQ_LEN)
+    loader = prepare.make_dataloader(tokenizer, rows, prepare.MAX_SEQ_LEN, "train", device)
+    x, y, _ = next(loader)
     timed, waited = 0.0, 0.0
     for step in range(warmup + steps):
         train.synchronize(device)
@@ -72,52 +83,81 @@ def measure(backend, device, dtype, tokenizer, steps, warmup):
             tw = time.perf_counter()
             x, y, _ = next(loader)
             wait += time.perf_counter() - tw
+        train.update_schedules(optimizer, step, step / (warmup + steps))
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train.synchronize(device)
         if step == warmup - 1:
-            startup = time.perf_counter() - t_start
+            startup, graphs = time.perf_counter() - t_start, counters["stats"]["unique_graphs"]
         if step >= warmup:
             timed += time.perf_counter() - t0
             waited += wait
+    if memory_gb:
+        torch.cuda.set_per_process_memory_fraction(1.0)
     dt = timed / steps
     tokens_per_second = train.TOTAL_BATCH_SIZE / dt
     peak = train.peak_flops(device)
-    return dict(backend=backend, ms_per_step=1000 * dt, tokens_per_second=tokens_per_second,
+    return dict(backend=backend, memory_gb=memory_gb, micro_batch=rows, micro_batch_why=why, ms_per_step=1000 * dt,
+                tokens_per_second=tokens_per_second,
                 mfu_percent=100 * model.num_flops_per_token() * tokens_per_second / peak if peak else None,
                 peak_memory_mb=train.peak_memory_mb(device), loader_wait_percent=100 * waited / timed,
-                startup_seconds=startup, final_loss=loss.item())
+                startup_seconds=startup, recompiles=counters["stats"]["unique_graphs"] - graphs,
+                final_loss=loss.item())
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per backend")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=positive, default=20, help="timed steps per backend")
+    parser.add_argument("--warmup", type=positive, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--backends", default="fa3,flex", help="CUDA: comma-separated, of fa3, flex, sdpa")
+    parser.add_argument("--memory-gb", default="", help="CUDA: simulated card sizes in GB, e.g. 24,40")
+    parser.add_argument("--out", help="JSON file to write (default bench/results/gpu-<device>.json)")
     args = parser.parse_args()
+    asked = [b for b in args.backends.split(",") if b]
+    if not asked or set(asked) - set(train.ATTENTION_BACKENDS):
+        parser.error(f"--backends {args.backends!r}: choose from {', '.join(train.ATTENTION_BACKENDS)}")
+    try:
+        sizes = [float(g) for g in args.memory_gb.split(",") if g]
+    except ValueError:
+        parser.error(f"--memory-gb {args.memory_gb!r}: give sizes in GB, e.g. 24,40")
     device, device_name = train.pick_device()
     dtype, why = train.pick_dtype(device)
     if device != "cuda":
         tiny_cpu_config()
+        if sizes:
+            print("--memory-gb needs CUDA: the CPU run measures the full micro-batch only")
+            sizes = []
     tokenizer = prepare.Tokenizer.from_directory()
     print(f"device: {device_name}; {why}; torch {torch.__version__}; dataset {prepare.dataset_label()}")
     print(f"config: depth {train.DEPTH}, aspect {train.ASPECT_RATIO}, head dim {train.HEAD_DIM}, context "
-          f"{prepare.MAX_SEQ_LEN}, {train.TOTAL_BATCH_SIZE:,} tokens/step in batches of {train.DEVICE_BATCH_SIZE}")
-    rows = [measure(b, device, dtype, tokenizer, args.steps, args.warmup) for b in backends(device)]
-    print(f"{'backend':<8} {'ms/step':>9} {'tokens/s':>11} {'MFU %':>6} {'peak MB':>9} {'loader wait %':>14} "
-          f"{'start-up s':>11}")
+          f"{prepare.MAX_SEQ_LEN}, {train.TOTAL_BATCH_SIZE:,} tokens/step, micro-batch at most "
+          f"{train.DEVICE_BATCH_SIZE}")
+    rows = [measure(b, device, dtype, tokenizer, args.steps, args.warmup) for b in backends(device, asked)]
+    rows += [measure(rows[0]["backend"] if rows else "flex", device, dtype, tokenizer, args.steps, args.warmup, gb)
+             for gb in sizes]
+    print(f"{'backend':<8} {'card GB':>7} {'rows':>5} {'ms/step':>9} {'tokens/s':>11} {'MFU %':>6} {'peak MB':>9} "
+          f"{'loader wait %':>14} {'start-up s':>11} {'recompiles':>10}")
     for r in rows:
         mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "n/a"
-        print(f"{r['backend']:<8} {r['ms_per_step']:>9.1f} {r['tokens_per_second']:>11,.0f} {mfu:>6} "
-              f"{r['peak_memory_mb']:>9.0f} {r['loader_wait_percent']:>14.2f} {r['startup_seconds']:>11.1f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-')}.json"
-    out.write_text(json.dumps(dict(device=device_name, torch=torch.__version__, precision=why,
-                                   date=datetime.date.today().isoformat(), steps=args.steps, warmup=args.warmup,
-                                   config=dict(depth=train.DEPTH, aspect_ratio=train.ASPECT_RATIO,
-                                               head_dim=train.HEAD_DIM, context=prepare.MAX_SEQ_LEN,
-                                               total_batch_size=train.TOTAL_BATCH_SIZE,
-                                               device_batch_size=train.DEVICE_BATCH_SIZE),
-                                   rows=rows), indent=1) + "\n")
+        print(f"{r['backend']:<8} {r['memory_gb'] or '-':>7} {r['micro_batch']:>5} {r['ms_per_step']:>9.1f} "
+              f"{r['tokens_per_second']:>11,.0f} {mfu:>6} {r['peak_memory_mb']:>9.0f} "
+              f"{r['loader_wait_percent']:>14.2f} {r['startup_seconds']:>11.1f} {r['recompiles']:>10}")
+    out = Path(args.out) if args.out else RESULTS / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare.write_json(out, dict(device=device_name, torch=torch.__version__, precision=why,
+                                 date=datetime.date.today().isoformat(), steps=args.steps, warmup=args.warmup,
+                                 config=dict(depth=train.DEPTH, aspect_ratio=train.ASPECT_RATIO,
+                                             head_dim=train.HEAD_DIM, context=prepare.MAX_SEQ_LEN,
+                                             total_batch_size=train.TOTAL_BATCH_SIZE,
+                                             device_batch_size=train.DEVICE_BATCH_SIZE),
+                                 rows=rows))
     print(f"wrote {out}")
 
 

@@ -81,6 +81,7 @@ def main():
     parser.add_argument("--load", action="store_true", help="SEED 42 alone and beside a busy process, alternating")
     parser.add_argument("--edit", action="append", default=[], metavar="NAME=VALUE", help="a constant of train.py")
     parser.add_argument("--label", default="", help="added to the output file name")
+    parser.add_argument("--out", help="JSON file to write (default bench/results/noise-<device>[-<label>].json)")
     parser.add_argument("--logs", default="/tmp/noise-logs", help="folder for each run's output")
     args = parser.parse_args()
     if args.repeats < 1 or args.seeds < 0 or args.budget <= 0:
@@ -88,11 +89,14 @@ def main():
     if args.label and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.label):
         parser.error("--label: letters, digits, '.', '_' and '-' only")
     args.edits = runs.parse_edits(args.edit)
-    runs.edit_constants((runs.REPO / "train.py").read_text(), args.edits)  # a misspelt name fails now, not later
+    try:  # a misspelt name fails now, not after an hour
+        runs.edit_constants((runs.REPO / "train.py").read_text(), args.edits)
+    except ValueError as e:
+        parser.error(str(e))
 
     device, machine = train.pick_device()
     name = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-") + (f"-{args.label}" if args.label else "")
-    out = RESULTS / f"noise-{name}.json"
+    out = Path(args.out) if args.out else RESULTS / f"noise-{name}.json"
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     todo = plan(args)
     header = (f"{machine}; {'load test' if args.load else 'noise'}; budget {args.budget:g}s; "
@@ -108,7 +112,7 @@ def main():
         print(f"    val_bpb {row['val_bpb']:.6f}, {row['num_steps']} steps, {row['wall_seconds']:.0f}s wall",
               flush=True)
         table = report(rows, header) if i == len(todo) else {}
-        RESULTS.mkdir(exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         prepare.write_json(out, dict(machine=machine, device=device, date=datetime.date.today().isoformat(),
                                   budget=args.budget, load=args.load, edits=args.edits, groups=table, runs=rows))
     print(f"wrote {out}")

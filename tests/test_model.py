@@ -10,11 +10,16 @@ Run: uv run pytest tests/test_model.py
 
 import math
 import os
+import platform
+import socket
+import sys
 import time
+import types
 
 import pytest
 import torch
 
+import prepare
 import train
 from train import GPT, GPTConfig, attention_flex, attention_sdpa, has_ve, layer_windows, prepare_attention
 
@@ -240,25 +245,97 @@ def test_model_config_rounds_width_up_to_whole_heads(monkeypatch):
 
 # --- start-up decisions ------------------------------------------------------------------------------------
 
-def test_pick_dtype_follows_the_probe(monkeypatch):
+def test_pick_dtype_on_cuda_needs_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert train.pick_dtype("cuda")[0] == torch.float32  # a V100: bf16 would be emulated
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert train.pick_dtype("cuda")[0] == torch.bfloat16
-    slow_bf16 = {torch.float32: 1.0, torch.bfloat16: 50.0}
-    monkeypatch.setattr(train, "matmul_seconds", lambda device, dtype: slow_bf16[dtype])
-    assert train.pick_dtype("cpu")[0] == torch.float32
-    fast_bf16 = {torch.float32: 1.0, torch.bfloat16: 0.4}
-    monkeypatch.setattr(train, "matmul_seconds", lambda device, dtype: fast_bf16[dtype])
+
+
+def test_cpu_precision_follows_the_profile_not_a_timing(monkeypatch):
+    monkeypatch.setattr(train, "matmul_seconds", lambda device, dtype: pytest.fail("a CPU must not be timed"))
+    monkeypatch.setattr(train, "PROFILE", "cpu-bf16")
     assert train.pick_dtype("cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(train, "PROFILE", "cpu")
+    assert train.pick_dtype("cpu")[0] == torch.float32
 
 
-def test_real_dtype_probe_is_quick():
+@pytest.mark.parametrize("bf16_over_fp32, expected", [(0.79, torch.bfloat16), (0.8, torch.float32),
+                                                      (1.5, torch.float32), (50.0, torch.float32)])
+def test_probe_picks_bf16_only_when_clearly_faster(monkeypatch, bf16_over_fp32, expected):
+    """MPS decides by timing: bf16 only below 0.8x the fp32 time; a bf16 over 2x slower is timed once."""
+    calls = []
+    def fake(device, dtype):
+        calls.append(dtype)
+        return 1.0 if dtype == torch.float32 else bf16_over_fp32
+    monkeypatch.setattr(train, "matmul_seconds", fake)
+    assert train.pick_dtype("mps")[0] == expected
+    assert len(calls) == (2 if bf16_over_fp32 > 2 else 6)
+
+
+def test_real_probe_is_quick():
     t0 = time.time()
-    dtype, why = train.pick_dtype("cpu")
+    dtype, why = train.probe_dtype("cpu")
     assert dtype in (torch.float32, torch.bfloat16) and why
     assert time.time() - t0 < 10
+
+
+def test_profile_from_cpu_flags(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(prepare, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+    assert prepare.choose_profile()[0] == "cpu-bf16"
+    monkeypatch.setattr(prepare, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # bf16 1.7x slower there
+    assert prepare.choose_profile()[0] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert prepare.choose_profile()[0] == "gpu"
+
+
+def test_cpu_flags_reads_this_machine():
+    flags = prepare.cpu_flags()
+    if os.path.exists("/proc/cpuinfo") and platform.machine() == "x86_64":
+        assert "sse2" in flags
+
+
+def test_nvidia_gpu_that_cuda_cannot_use_stops_with_the_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(train, "nvidia_driver", lambda: "535.104.05")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(SystemExit) as exit:
+        train.pick_device()
+    message = str(exit.value)
+    assert "535.104.05" in message and "13.0" in message and "580" in message and "CUDA_VISIBLE_DEVICES=" in message
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(SystemExit, match="CPU-only build"):
+        train.pick_device()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hiding the GPU on purpose trains on the CPU
+    assert train.pick_device()[0] in ("cpu", "mps")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(train, "nvidia_driver", lambda: None)
+    assert train.pick_device()[0] in ("cpu", "mps")
+
+
+def test_nvidia_driver_version_from_proc(monkeypatch, tmp_path):
+    real_open = open
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  Release Build  "
+                       "(dvs-builder@U16-I3-B03-4-3)  Fri Mar 14 2025\nGCC version:  gcc version 12.3.0\n")
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        version if path == "/proc/driver/nvidia/version" else path, *a, **k))
+    assert train.nvidia_driver() == "570.133.20"
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756.5e12), ("NVIDIA H100 NVL", 835.5e12),
+    ("NVIDIA H200", 989.5e12), ("NVIDIA GH200 480GB", 989.5e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362.05e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None),
+    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 3090", 71e12), ("Tesla T4", None)])
+def test_peak_flops_by_exact_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert train.peak_flops("cuda") == peak
+    assert train.peak_flops("cpu") is None
 
 
 def test_pick_attention_off_cuda_is_sdpa():
@@ -266,18 +343,161 @@ def test_pick_attention_off_cuda_is_sdpa():
     assert train.pick_attention("mps")[0] == "sdpa"
 
 
+class FakeKernels:
+    """Stands in for the `kernels` package: get_kernel with the installed signature, records its calls."""
+
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+        self.module = type("Kernel", (), {"flash_attn_interface": object()})()
+
+    def get_kernel(self, repo_id, *, revision=None, version=None, backend=None, user_agent=None,
+                   trust_remote_code=False, check_arch=True):
+        self.calls.append(dict(repo_id=repo_id, revision=revision, version=version,
+                               trust_remote_code=trust_remote_code))
+        if version is None and revision is None:  # kernels >= 0.15
+            raise ValueError("A kernel version or revision must be specified")
+        if self.fail:
+            raise self.fail
+        return self.module
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    fake = FakeKernels()
+    monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=fake.get_kernel))
+    monkeypatch.setattr(train, "hub_reachable", lambda timeout=1.5: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return fake
+
+
+def test_fa3_loader_asks_the_trusted_repo_for_version_1(fake_kernels):
+    fa3, why = train.load_fa3()
+    assert fa3 is fake_kernels.module.flash_attn_interface, why
+    assert fake_kernels.calls == [dict(repo_id="kernels-community/flash-attn3", revision=None, version=1,
+                                       trust_remote_code=False)]
+    assert "kernels-community/flash-attn3" in why
+
+
+def test_fa3_loader_reports_an_exception_as_the_reason(fake_kernels):
+    fake_kernels.fail = RuntimeError("no build for torch211-cxx11-cu130-x86_64-linux\nmore detail")
+    fa3, why = train.load_fa3()
+    assert fa3 is None
+    assert "RuntimeError: no build for torch211-cxx11-cu130-x86_64-linux" in why and "more detail" not in why
+
+
+def test_fa3_that_fails_its_check_falls_back_to_flex_with_the_reason(fake_kernels, monkeypatch):
+    monkeypatch.setattr(train, "fa3_problem", lambda: "RuntimeError: mixed dtypes")
+    attention, why = train.pick_attention("cuda")
+    assert attention == "flex" and train.FA3 is None
+    assert "kernels-community/flash-attn3" in why and "mixed dtypes" in why
+
+
 def test_fa3_loading_offline_gives_up_within_seconds(monkeypatch):
     """With the hub unreachable, load_fa3 sets HF_HUB_OFFLINE before `kernels` reads it and fails fast."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "")  # registers the variable for restoration, then clear it
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(train, "hub_reachable", lambda timeout=1.5: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     t0 = time.time()
     fa3, why = train.load_fa3()
     assert time.time() - t0 < 5
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     if not CUDA:
         assert fa3 is None and why
+
+
+def test_hub_probe_follows_hf_endpoint(monkeypatch):
+    """A lab's mirror in HF_ENDPOINT is what gets probed: here a listening local port, then a closed one."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert train.hub_reachable()
+    server.close()
+    assert not train.hub_reachable()
+
+
+# --- micro-batch fitting (CUDA), through a fake trial step ---------------------------------------------------
+
+def fake_trial(max_rows):
+    """A trial step that runs out of memory above max_rows, recording the sizes tried."""
+    tried = []
+    def try_rows(rows):
+        tried.append(rows)
+        if rows > max_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+    return try_rows, tried
+
+
+@pytest.fixture
+def fake_cuda_memory(monkeypatch):
+    monkeypatch.setattr(train, "cuda_free_gb", lambda: 23.6)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", 2048)
+    monkeypatch.setattr(train, "TOTAL_BATCH_SIZE", 2**19)
+    monkeypatch.setattr(train, "DEVICE_BATCH_SIZE", 128)
+
+
+@pytest.mark.parametrize("fits, expected", [(128, 128), (127, 64), (64, 64), (40, 32), (1, 1)])
+def test_micro_batch_is_the_largest_power_of_two_that_fits(fake_cuda_memory, fits, expected):
+    try_rows, tried = fake_trial(fits)
+    rows, why = train.pick_micro_batch("cuda", try_rows)
+    assert rows == expected
+    assert tried == [r for r in (128, 64, 32, 16, 8, 4, 2, 1) if r >= expected]
+    assert ("128 rows do not fit in 23.6 GB free" in why) == (expected < 128)
+    assert train.TOTAL_BATCH_SIZE % (rows * train.MAX_SEQ_LEN) == 0
+
+
+def test_micro_batch_nothing_fits_names_the_constants(fake_cuda_memory):
+    try_rows, tried = fake_trial(0)
+    with pytest.raises(SystemExit) as exit:
+        train.pick_micro_batch("cuda", try_rows)
+    assert tried[-1] == 1 and "DEPTH" in str(exit.value) and "ASPECT_RATIO" in str(exit.value)
+
+
+def test_micro_batch_skips_sizes_that_do_not_divide_the_batch(fake_cuda_memory, monkeypatch):
+    monkeypatch.setattr(train, "DEVICE_BATCH_SIZE", 96)
+    monkeypatch.setattr(train, "TOTAL_BATCH_SIZE", 96 * 2048)
+    try_rows, tried = fake_trial(40)
+    rows, _ = train.pick_micro_batch("cuda", try_rows)
+    assert tried == [96, 32] and rows == 32  # 64 does not divide 96 rows
+
+
+def test_micro_batch_off_cuda_is_the_constant():
+    assert train.pick_micro_batch("cpu", lambda rows: pytest.fail("no trial off CUDA"))[0] == train.DEVICE_BATCH_SIZE
+
+
+def test_norm_keeps_its_input_dtype_when_rms_norm_upcasts(monkeypatch):
+    """CUDA autocast runs rms_norm in fp32 (torch >= 2.12). Simulated here: q, k and v must still reach
+    attention in one dtype, and the residual stream must stay in the embeddings' dtype."""
+    real = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda x, shape, *a, **k: real(x.float(), shape))
+    seen = []
+    def recording(q, k, v, window):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return attention_sdpa(q, k, v, window)
+    monkeypatch.setitem(train.ATTENTION_BACKENDS, "sdpa", recording)
+    model = build(tiny_config(), dtype=torch.bfloat16)
+    model.to(torch.bfloat16)
+    head_inputs = []
+    model.lm_head.register_forward_hook(lambda m, args, out: head_inputs.append(args[0].dtype))
+    model(torch.randint(0, 96, (2, 32)))
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+    assert head_inputs == [torch.bfloat16]
+
+
+def test_accumulated_micro_batches_give_the_batch_gradient():
+    """The CPU twin of the CUDA test: 4 micro-batches of 4 rows, each loss / 4, against one batch of 16."""
+    model = build(tiny_config(), randomize=True)
+    idx = torch.randint(0, 96, (16, 33), generator=torch.Generator().manual_seed(5))
+    x, y = idx[:, :-1], idx[:, 1:]
+    model(x, y).backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    for i in range(0, 16, 4):
+        (model(x[i:i + 4], y[i:i + 4]) / 4).backward()
+    for p, g in zip(model.parameters(), whole):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
 
 
 # --- looped model (N_LOOPS) ---------------------------------------------------------------------------------

@@ -290,3 +290,30 @@ def test_adamw_matrices_are_one_adamw_group(monkeypatch):
     group = next(g for g in optimizer.param_groups if matrices & set(g["params"]))
     assert set(group["params"]) == matrices
     assert group["lr"] == train.MATRIX_LR and group["weight_decay"] == train.WEIGHT_DECAY
+
+
+@pytest.mark.parametrize("n_loops", [1, 2])
+@pytest.mark.parametrize("rule", ["normuon", "muon", "adamuon", "mano", "newton_muon", "adamw"])
+def test_compiled_optimizer_stays_within_dynamo_limits(monkeypatch, rule, n_loops):
+    """On CUDA both optimizer steps compile with fullgraph=True: every new shape, dtype or flag is another graph,
+    and past dynamo's recompile limit step 0 raises. Compiled here with backend="eager" (the same tracing and
+    guards, no code generation), bf16 embeddings as on a GPU; the steps must equal the uncompiled ones."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real_compile(f, **{**kw, "backend": "eager"}))
+    monkeypatch.setattr(train, "MATRIX_OPTIMIZER", rule)
+    torch._dynamo.reset()
+    finals = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = train.GPT(tiny_config(n_loops=n_loops, n_layer=3))
+        model.init_weights(torch.bfloat16)
+        optimizer = model.setup_optimizer(orth_dtype=torch.float32, compile=compile)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            train.update_schedules(optimizer, step, step / 4)
+            optimizer.step()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for eager, compiled in zip(*finals):
+        torch.testing.assert_close(compiled, eager)

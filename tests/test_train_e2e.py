@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import runs  # noqa: E402  (bench/runs.py: the constant editing that the bench scripts use)
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "device", "attention", "profile", "dataset"]
 TINY = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", TOTAL_BATCH_SIZE="2**11", DEVICE_BATCH_SIZE="8")
@@ -30,23 +32,14 @@ def env_for(cache, budget="4"):
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    result = subprocess.run([sys.executable, "prepare.py", "--dataset", "stdlib"], cwd=REPO, env=env_for(cache),
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return cache
+def cache(stdlib_cache):
+    return stdlib_cache
 
 
 def train_copy(tmp_path, **constants):
-    """A copy of train.py with constants rewritten: every `NAME = ...` line, at any indentation."""
-    source = (REPO / "train.py").read_text()
-    for name, value in {**TINY, **constants}.items():
-        source, count = re.subn(rf"^(\s*){name} = [^#\n]*?(\s*#.*)?$", rf"\g<1>{name} = {value}\g<2>", source,
-                                flags=re.M)
-        assert count >= 1, f"train.py has no constant {name}"
+    """A copy of train.py with constants rewritten (every `NAME = ...` line, at any indentation)."""
     path = tmp_path / "train.py"
-    path.write_text(source)
+    path.write_text(runs.edit_constants((REPO / "train.py").read_text(), {**TINY, **constants}))
     return path
 
 
