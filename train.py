@@ -58,10 +58,12 @@ SEED = 42
 # Architecture (size and batch follow, per device)
 N_LOOPS = 1                   # the stack of blocks runs this many times with shared weights (a looped transformer)
 
-# Size and batch, the one per-device choice (prepare.py picks the profile). gpu: the reference baseline, so an
-# H100 run compares with its published val_bpb 0.9979. cpu (and MPS): measured side by side on a 2-core AMD EPYC,
-# compiled, 90 s each: width 128 beats 256 (the 8192-way head dominates), 4 layers edge out 2 and beat 6, and
-# 2^12-token steps beat 2^13 and 2^11.
+# Size and batch, the one per-platform choice (prepare.py picks the profile). gpu: the reference baseline, so an
+# H100 run compares with its published val_bpb 0.9979; DEVICE_BATCH_SIZE shrinks to what fits a smaller card.
+# cpu-bf16 (a CPU with AMX): the reference's small-computer config, which beat a width-128 model by 0.03-0.08 on
+# such a CPU; not yet swept there. cpu (fp32 CPUs, Apple MPS): the best of bench/cpu_defaults.py's sweep on a
+# 2-core AMD EPYC (bench/results/cpu-defaults-cpu-AMD-EPYC-2-threads.json). A CPU's masked SDPA computes the
+# whole T x T scores whatever the window, so short windows save nothing there: L everywhere.
 if PROFILE == "gpu":
     DEPTH = 8                     # transformer blocks
     ASPECT_RATIO = 64             # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
@@ -69,13 +71,20 @@ if PROFILE == "gpu":
     WINDOW_PATTERN = "SSSL"       # per layer, repeated: L = full context, S = half; the last layer is always L
     TOTAL_BATCH_SIZE = 2**19      # tokens per optimizer step
     DEVICE_BATCH_SIZE = 128       # sequences per forward/backward; gradient accumulation makes up the rest
-else:
+elif PROFILE == "cpu-bf16":
     DEPTH = 4
-    ASPECT_RATIO = 32
+    ASPECT_RATIO = 64
+    HEAD_DIM = 128
+    WINDOW_PATTERN = "L"
+    TOTAL_BATCH_SIZE = 2**14
+    DEVICE_BATCH_SIZE = 64
+else:
+    DEPTH = 5
+    ASPECT_RATIO = 25             # width 125, rounded up to 128: 2 heads of 64
     HEAD_DIM = 64
-    WINDOW_PATTERN = "SSSL"
-    TOTAL_BATCH_SIZE = 2**12
-    DEVICE_BATCH_SIZE = 16
+    WINDOW_PATTERN = "L"
+    TOTAL_BATCH_SIZE = 2**13
+    DEVICE_BATCH_SIZE = 32
 
 # ---------------------------------------------------------------------------
 # Attention: one signature, three backends
@@ -126,10 +135,17 @@ def prepare_attention(backend, seq_len, windows, device):
     if torch.device(device).type == "cuda":
         FLEX = torch.compile(flex_attention, dynamic=False)
     for w in windows:
-        def sliding_causal(b, h, q_idx, kv_idx, w=w):
-            return (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
-        FLEX_BLOCK_MASKS[(seq_len, w)] = create_block_mask(sliding_causal, None, None, seq_len, seq_len,
+        FLEX_BLOCK_MASKS[(seq_len, w)] = create_block_mask(sliding_causal(w), None, None, seq_len, seq_len,
                                                            device=device)
+
+
+def sliding_causal(window):
+    """Flex's mask_mod for one window, a closure: torch 2.10's Flex (eager and compiled) reuses the first traced
+    function for a later one of the same code that differs only in a default argument, so every window became
+    the first one (tests/test_model.py caught it)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return mask_mod
 
 
 # FlashAttention-3 through `kernels`. kernels-community is the kernels project's own organisation, a trusted
@@ -666,22 +682,23 @@ BF16_PEAK_FLOPS = [
 ]
 
 
+CUDA_MIN_DRIVER = {"12": "525", "13": "580"}  # Linux driver per CUDA major: NVIDIA's CUDA Compatibility guide
+
+
 def pick_device():
     if torch.cuda.is_available():
         return "cuda", torch.cuda.get_device_name()
     driver = nvidia_driver()
-    if driver and os.environ.get("CUDA_VISIBLE_DEVICES") != "":  # CUDA_VISIBLE_DEVICES= is a choice of the CPU
-        build = (f"is built for CUDA {torch.version.cuda}, which needs driver {CUDA_MIN_DRIVER.get(torch.version.cuda.split('.')[0], '?')} or newer"
-                 if torch.version.cuda else "is a CPU-only build")
-        raise SystemExit(f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} cannot use it: it "
-                         f"{build}. Update the driver or install a matching torch (README, GPU drivers); "
-                         "CUDA_VISIBLE_DEVICES= uv run train.py trains on the CPU on purpose")
+    if driver and os.environ.get("CUDA_VISIBLE_DEVICES") != "":  # set empty, it hides the GPU on purpose
+        cuda = torch.version.cuda
+        why = (f"it is built for CUDA {cuda}, which needs driver {CUDA_MIN_DRIVER.get(cuda.split('.')[0], '?')} "
+               "or newer" if cuda else "it is a CPU-only build")
+        raise SystemExit(f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} cannot use it: "
+                         f"{why}. Update the driver or install a torch built for it (README, Drivers); "
+                         "`CUDA_VISIBLE_DEVICES= uv run train.py` trains on the CPU on purpose")
     if torch.backends.mps.is_available():
         return "mps", "Apple GPU (Metal)"
     return "cpu", f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-CUDA_MIN_DRIVER = {"12": "525", "13": "580"}  # Linux, per CUDA major: NVIDIA's CUDA Compatibility guide, table 1
 
 
 def nvidia_driver():
@@ -764,7 +781,8 @@ def pick_compile(device):
     if device == "mps":
         return False, False, "MPS: eager (inductor support for Metal is partial)"
     # measured on a 2-core AMD EPYC (d4 w128): ~25 s to compile, then 1.3-1.8x faster steps as the softcap and
-    # cross-entropy over 8192 logits fuse; the optimizer is ~4% of a step there, not worth a compile per shape
+    # cross-entropy over 8192 logits fuse; the optimizer is 3-4% of a step, its Polar Express matmuls, and
+    # compiling it left that time unchanged (203-248 ms either way at width 256)
     return True, False, "CPU: the model only; compile time is repaid within the first minute"
 
 
@@ -975,6 +993,8 @@ def main():
         ("attention", attention),
         ("profile", PROFILE),
         ("dataset", dataset),
+        ("precision", "bf16" if dtype == torch.bfloat16 else "fp32"),
+        ("time_budget", f"{TIME_BUDGET:g}"),
     ]
     print("---")
     for key, value in summary:

@@ -6,7 +6,7 @@ full budget, grouped, with mean, standard deviation, spread and step counts per 
     uv run bench/noise.py --load --budget 60  # SEED 42 alone, then beside a busy process: what load does
     uv run bench/noise.py --edit TOTAL_BATCH_SIZE=2**13 --label batch13
 
-Needs a prepared dataset. Writes bench/results/noise-<device>[-<label>].json after every run, so an interrupted
+Needs a prepared dataset. Writes bench/results/noise-<device>[-load][-<label>].json after every run, so an interrupted
 measurement keeps the runs that finished; each run's whole output goes to --logs.
 """
 import argparse
@@ -81,7 +81,7 @@ def main():
     parser.add_argument("--load", action="store_true", help="SEED 42 alone and beside a busy process, alternating")
     parser.add_argument("--edit", action="append", default=[], metavar="NAME=VALUE", help="a constant of train.py")
     parser.add_argument("--label", default="", help="added to the output file name")
-    parser.add_argument("--out", help="JSON file to write (default bench/results/noise-<device>[-<label>].json)")
+    parser.add_argument("--out", help="JSON file to write (default bench/results/noise-<device>[-load][-<label>].json)")
     parser.add_argument("--logs", default="/tmp/noise-logs", help="folder for each run's output")
     args = parser.parse_args()
     if args.repeats < 1 or args.seeds < 0 or args.budget <= 0:
@@ -95,7 +95,8 @@ def main():
         parser.error(str(e))
 
     device, machine = train.pick_device()
-    name = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-") + (f"-{args.label}" if args.label else "")
+    load = "-load" if args.load else ""  # a load test never overwrites a noise measurement
+    name = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-") + load + (f"-{args.label}" if args.label else "")
     out = Path(args.out) if args.out else RESULTS / f"noise-{name}.json"
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     todo = plan(args)

@@ -13,6 +13,7 @@ Run: uv run pytest tests/test_analysis.py
 import json
 import random
 import re
+import statistics
 from collections import Counter, namedtuple
 from html.parser import HTMLParser
 from pathlib import Path
@@ -134,15 +135,16 @@ def kernel():
     km.shutdown_kernel(now=True)
 
 
-def execute(kernel, tmp_path, text):
-    """Run the notebook in tmp_path against a fixture (None: no file); return all printed text, the displayed
-    tables (columns -> rows) and the figure path."""
+def execute(kernel, tmp_path, text, noise_sigma=None):
+    """Run the notebook in tmp_path against a fixture (None: no file), NOISE_SIGMA set when given; return all
+    printed text, the displayed tables (columns -> rows) and the figure path."""
     results = tmp_path / "results.tsv"
     if text is not None:
         results.write_text(text, encoding="utf-8")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    sigma = f"os.environ['NOISE_SIGMA'] = {noise_sigma!r}" if noise_sigma else "os.environ.pop('NOISE_SIGMA', None)"
     nb.cells.insert(0, new_code_cell(f"%reset -f\nimport os\nos.chdir({str(tmp_path)!r})\n"
-                                     f"os.environ['RESULTS_TSV'] = {str(results)!r}"))
+                                     f"os.environ['RESULTS_TSV'] = {str(results)!r}\n{sigma}"))
     NotebookClient(nb, km=kernel, timeout=120).execute()
     printed, tables = [], {}
     for cell in nb.cells:
@@ -268,3 +270,27 @@ def test_nothing_kept_yet(kernel, tmp_path):
     printed, tables, png = execute(kernel, tmp_path, text)
     assert_png(png)
     assert_review(text, printed, tables)
+
+
+def test_noise_band_from_the_baseline_re_runs(kernel, tmp_path):
+    """program.md's re-runs of the baseline give sigma when no figure is set: their standard deviation."""
+    values = [1.5012, 1.5121, 1.4937]
+    text = "\n".join([HEADER, row("a1b2c3d", values[0], "keep", "baseline"),
+                      row("b2c3d4e", values[1], "discard", "baseline re-run"),
+                      row("c3d4e5f", values[2], "discard", "baseline re-run"),
+                      row("d4e5f6a", 1.4700, "keep", "DEPTH 4 -> 5")]) + "\n"
+    printed, tables, png = execute(kernel, tmp_path, text)
+    assert_png(png)
+    sigma = re.search(r"σ = (\S+) from 3 baseline runs", printed)
+    assert sigma and float(sigma.group(1)) == pytest.approx(statistics.stdev(values), abs=5e-5)
+
+
+def test_noise_band_from_noise_sigma(kernel, tmp_path):
+    printed, _, png = execute(kernel, tmp_path, night(30, seed=5), noise_sigma="0.0042")
+    assert_png(png)
+    assert "σ = 0.0042 from NOISE_SIGMA" in printed
+
+
+def test_no_noise_band_without_a_figure(kernel, tmp_path):
+    printed, _, _ = execute(kernel, tmp_path, messy_night())  # one baseline run: no spread to measure
+    assert "no noise band: set NOISE_SIGMA" in printed

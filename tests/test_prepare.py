@@ -648,3 +648,12 @@ def test_stdlib_label_names_interpreter_and_content(cache, monkeypatch, capsys):
     edit["json/decoder.py"] = "\n# one more line\n"
     second = prepare_and_label()
     assert second != first and second.startswith(f"stdlib-py{platform.python_version()}-")
+
+
+def test_train_imports_without_rustbpe():
+    """A machine without rustbpe (the lent GPU machine) runs train.py on a dataset prepared elsewhere: only
+    tokenizer training needs it."""
+    code = "import sys; sys.modules['rustbpe'] = None; import train, prepare; print(prepare.VOCAB_SIZE)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(prepare.__file__).parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "8192", result.stderr[-2000:]

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 import runs  # noqa: E402  (bench/runs.py: the constant editing that the bench scripts use)
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
-                "num_steps", "num_params_M", "depth", "device", "attention", "profile", "dataset"]
+                "num_steps", "num_params_M", "depth", "device", "attention", "profile", "dataset", "precision",
+                "time_budget"]
 TINY = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", TOTAL_BATCH_SIZE="2**11", DEVICE_BATCH_SIZE="8")
 
 
@@ -80,6 +81,9 @@ def test_short_run_prints_summary_and_learns(cache, tmp_path):
     assert val_bpb < 0.8 * uniform_bpb(cache)
     assert int(values["num_steps"]) > 10 and int(values["depth"]) == 2
     assert float(values["training_seconds"]) >= 4.0 and float(values["peak_vram_mb"]) > 0
+    mean_step = float(values["training_seconds"]) / (int(values["num_steps"]) - 11)  # the first 11 are not counted
+    assert float(values["training_seconds"]) < 4.0 + 2 * mean_step  # stops within a step of the budget
+    assert values["time_budget"] == "4" and values["precision"] in ("fp32", "bf16")
     assert values["profile"] == "cpu" and values["dataset"].startswith("stdlib-py")  # interpreter, content hash
     if values["device"] == "cpu":
         assert values["attention"] == "sdpa" and values["mfu_percent"] == "0.00"
