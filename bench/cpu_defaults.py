@@ -11,7 +11,6 @@ Compare the best with the reference port on the same machine (../shared/anchors 
 """
 import argparse
 import datetime
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -79,7 +78,7 @@ def main():
             parser.error(f"candidate {name}: {e}")
 
     device, machine = train.pick_device()
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-")
+    slug = runs.slug(machine)
     out = Path(args.out) if args.out else RESULTS / f"cpu-defaults-{args.profile}-{slug}.json"
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     env = {"AUTORESEARCH_TIME_BUDGET": str(args.budget), "AUTORESEARCH_PROFILE": args.profile}

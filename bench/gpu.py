@@ -10,7 +10,6 @@ Needs a prepared dataset. Run: uv run bench/gpu.py [--steps 20] [--warmup 5] [--
 import argparse
 import datetime
 import gc
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -21,6 +20,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
+import runs
 import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,7 +149,7 @@ def main():
         print(f"{r['backend']:<8} {r['memory_gb'] or '-':>7} {r['micro_batch']:>5} {r['ms_per_step']:>9.1f} "
               f"{r['tokens_per_second']:>11,.0f} {mfu:>6} {r['peak_memory_mb']:>9.0f} "
               f"{r['loader_wait_percent']:>14.2f} {r['startup_seconds']:>11.1f} {r['recompiles']:>10}")
-    out = Path(args.out) if args.out else RESULTS / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-')}.json"
+    out = Path(args.out) if args.out else RESULTS / f"gpu-{runs.slug(device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     prepare.write_json(out, dict(device=device_name, torch=torch.__version__, precision=why,
                                  date=datetime.date.today().isoformat(), steps=args.steps, warmup=args.warmup,

@@ -96,7 +96,7 @@ def main():
 
     device, machine = train.pick_device()
     load = "-load" if args.load else ""  # a load test never overwrites a noise measurement
-    name = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-") + load + (f"-{args.label}" if args.label else "")
+    name = runs.slug(machine) + load + (f"-{args.label}" if args.label else "")
     out = Path(args.out) if args.out else RESULTS / f"noise-{name}.json"
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     todo = plan(args)

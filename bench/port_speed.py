@@ -72,7 +72,7 @@ def main():
     ratio = medians["port"] / medians["ours"]
     print(f"{machine}, profile {prepare.PROFILE}: port {medians['port']:.0f} ms/step, ours {medians['ours']:.0f} "
           f"ms/step: ours runs at {ratio:.3f}x the port's speed (median of {args.rounds} runs each)")
-    out = RESULTS / f"port-speed-{re.sub(r'[^A-Za-z0-9]+', '-', machine).strip('-')}.json"
+    out = RESULTS / f"port-speed-{runs.slug(machine)}.json"
     RESULTS.mkdir(exist_ok=True)
     prepare.write_json(out, dict(machine=machine, profile=prepare.PROFILE, date=datetime.date.today().isoformat(),
                                  budget=args.budget, config=PORT_CONFIG, runs=rows, median_step_ms=medians,

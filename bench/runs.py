@@ -1,5 +1,5 @@
-"""Run train.py as a subprocess, some of its constants edited, and read its summary block: the machinery that
-bench/noise.py, bench/cpu_defaults.py and the end-to-end tests share.
+"""Run train.py as a subprocess, some of its constants edited, and read its summary block: the machinery that the
+bench scripts and the end-to-end tests share.
 """
 import os
 import re
@@ -11,6 +11,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_LINE = re.compile(r"^(\w+):\s+(\S+)$")
+
+
+def slug(name):
+    """A machine or device name as it appears in a results file name: AMD EPYC, 2 threads -> AMD-EPYC-2-threads."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
 
 
 def edit_constants(source, edits):
