@@ -14,6 +14,7 @@ tokenizer; the last one prepared is the active one that train.py and evaluate_bp
 
 import argparse
 import bisect
+import errno
 import hashlib
 import itertools
 import json
@@ -120,13 +121,18 @@ def climbmix_base_url():
 # ---------------------------------------------------------------------------
 
 def write_atomic(path, write):
-    """Call write(tmp_path), then rename into place: a crash leaves no partial file under the real name."""
+    """Call write(tmp_path), then rename into place: a crash or a full disk leaves no partial file under any name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # not transient: a retry cannot help, freeing space can
+            raise SystemExit(f"no space left on device under {path.parent}: free some space, then run the "
+                             "same command again")
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -136,10 +142,36 @@ def write_json(path, obj):
 def dataset_dir(name):
     return CACHE_DIR / name
 
+def damaged(root, path, why, climbmix_part=None):
+    """SystemExit for a missing or corrupt (`why`) file of the prepared dataset in `root`, with the commands that
+    rebuild it: climbmix removes only `climbmix_part` (default: the file; its shards take long to download); stdlib
+    and --from datasets rebuild whole, since prepare keeps one whose input is unchanged."""
+    if root.name == "climbmix":
+        part, command = Path(climbmix_part or path), "uv run prepare.py"
+    elif root.name == "stdlib":
+        part, command = root, "uv run prepare.py --dataset stdlib"
+    else:
+        try:
+            source = json.loads((root / "meta.json").read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            source = "PATH"
+        part, command = root, f"uv run prepare.py --from {source}"
+    remove = f"`rm -r {part}`, then " if part.exists() and root.parent == CACHE_DIR else ""
+    problem = f"is corrupt ({why})" if path.exists() else "is missing"
+    return SystemExit(f"{path} {problem}: rebuild it with {remove}`{command}`")
+
 def read_meta(name):
     """A dataset's meta.json, written last by prepare: its presence means the dataset is complete."""
     path = dataset_dir(name) / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise damaged(path.parent, path, f"not JSON: {e}")
+    if not isinstance(meta, dict) or not {"train", "val", "val_tokens", "vocab_size"} <= meta.keys():
+        raise damaged(path.parent, path, "no train, val, val_tokens or vocab_size entry")
+    return meta
 
 def is_valid_shard(path):
     """A shard counts only if it opens as parquet and has a string column 'text'."""
@@ -243,7 +275,8 @@ def download_climbmix(num_shards, workers=8, backoff=1.0):
 # ---------------------------------------------------------------------------
 
 def is_val_doc(key):
-    """Hash-based split: a document's side depends only on its key, never on order or machine."""
+    """Hash-based split: a document's side depends only on its key (a stdlib file's path, a --from document's
+    text), never on order, process or machine."""
     h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
     return h / 2**64 < VAL_SHARE
 
@@ -327,12 +360,13 @@ def read_corpus_file(path):
             raise SystemExit(f"prepare.py: {path}: row {row}: 'text' is {type(doc).__name__}, not a string")
     return docs
 
-def corpus_documents(source, files):
+def corpus_documents(files):
+    """(key, text) of every non-empty document; the key is the text itself, so the split ignores file names and
+    row order, and identical documents always land on the same side."""
     for path in files:
-        rel = path.relative_to(source).as_posix() if path != source else path.name
-        for i, text in enumerate(read_corpus_file(path)):
+        for text in read_corpus_file(path):
             if text.strip():
-                yield f"{rel}:{i}:{hashlib.sha1(text.encode()).hexdigest()}", text
+                yield text, text
 
 def write_text_shards(out_dir, documents):
     """Split documents train/val, chunk them, and write parquet shards; returns (train names, val name, stats)."""
@@ -374,10 +408,12 @@ def fingerprint(documents):
 # Tokenizer: rustbpe training, saved as a tiktoken encoding
 # ---------------------------------------------------------------------------
 
-def training_text(shard_paths):
-    """Training-split text for the BPE trainer, capped per document and in total."""
+def training_text(shard_paths, seen):
+    """Training-split text for the BPE trainer, capped per document and in total. `seen` records the shards read
+    and whether the total cap stopped the reading."""
     nchars = 0
     for path in shard_paths:
+        seen["shards"].append(path.name)
         pf = pq.ParquetFile(path)
         for rg in range(pf.num_row_groups):
             for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
@@ -385,12 +421,29 @@ def training_text(shard_paths):
                 nchars += len(doc)
                 yield doc
                 if nchars >= TOKENIZER_MAX_CHARS:
+                    seen["capped"] = True
                     return
+
+def check_tokenizer_fits(tokenizer_dir, shard_paths):
+    """An existing tokenizer is reused only if training it now would read the same text: the shards it read are
+    the first training shards, and all of them unless the character cap stopped it."""
+    names = [p.name for p in shard_paths]
+    try:
+        seen = json.loads((tokenizer_dir / "trained_on.json").read_text())
+        read = seen["shards"]
+        if names[:len(read)] == read and (seen["capped"] or len(names) == len(read)):
+            return
+        why = f"it was trained on {len(read)} shards, not on these {len(names)}"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "no readable trained_on.json records what it was trained on"
+    raise SystemExit(f"prepare.py: the tokenizer in {tokenizer_dir} does not fit this dataset ({why}): retrain it "
+                     f"with `rm -r {tokenizer_dir}`, then `uv run prepare.py` with the same options again")
 
 def train_tokenizer(shard_paths, tokenizer_dir, vocab_size=VOCAB_SIZE):
     """Train BPE on the training shards; save tokenizer.pkl and token_bytes.pt. An existing valid one is reused."""
     pkl, tb = tokenizer_dir / "tokenizer.pkl", tokenizer_dir / "token_bytes.pt"
     if pkl.exists() and tb.exists():
+        check_tokenizer_fits(tokenizer_dir, shard_paths)
         print(f"Tokenizer: reusing {tokenizer_dir}")
         return
     n_merged = vocab_size - len(SPECIAL_TOKENS)
@@ -400,7 +453,8 @@ def train_tokenizer(shard_paths, tokenizer_dir, vocab_size=VOCAB_SIZE):
     import rustbpe  # here, not at the top: train.py imports this file on machines without rustbpe
     t0 = time.time()
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(training_text(shard_paths), n_merged, pattern=SPLIT_PATTERN)
+    seen = dict(shards=[], capped=False)
+    bpe.train_from_iterator(training_text(shard_paths, seen), n_merged, pattern=SPLIT_PATTERN)
     ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
     enc = tiktoken.Encoding(name="autoresearch", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
                             special_tokens={name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)})
@@ -411,6 +465,7 @@ def train_tokenizer(shard_paths, tokenizer_dir, vocab_size=VOCAB_SIZE):
     token_bytes = torch.tensor([0 if i in special else len(enc.decode_single_token_bytes(i))
                                 for i in range(enc.n_vocab)], dtype=torch.int32)
     write_atomic(tb, lambda tmp: torch.save(token_bytes, tmp))
+    write_json(tokenizer_dir / "trained_on.json", seen)
     write_atomic(pkl, lambda tmp: tmp.write_bytes(pickle.dumps(enc)))  # written last: marks the pair complete
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s")
     if enc.n_vocab < vocab_size:
@@ -421,9 +476,10 @@ def train_tokenizer(shard_paths, tokenizer_dir, vocab_size=VOCAB_SIZE):
 # ---------------------------------------------------------------------------
 
 def tokenize_shards(shard_paths, token_dir, enc):
-    """Write <shard>.bin: uint16 tokens of every document, each preceded by BOS. Present files are kept."""
+    """Write <shard>.bin: uint16 tokens of every document, each preceded by BOS. Present files are kept. Returns
+    each file's token count."""
     bos = enc.encode_single_token(BOS_TOKEN)
-    total, t0 = 0, time.time()
+    counts, t0 = [], time.time()
     for n, path in enumerate(shard_paths, 1):
         out = token_dir / (path.stem + ".bin")
         if not out.exists():
@@ -434,12 +490,12 @@ def tokenize_shards(shard_paths, token_dir, enc):
                 for ids in enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1):
                     parts.append(np.array([bos] + ids, dtype=np.uint16))
             tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint16)
-            write_atomic(out, lambda tmp: tokens.tofile(tmp))
-        total += out.stat().st_size // 2
-        print(f"\rTokens: {n}/{len(shard_paths)} shards, {total / 1e6:.1f}M tokens, "
+            write_atomic(out, lambda tmp: tmp.write_bytes(tokens))  # tokens.tofile hides a full disk's ENOSPC
+        counts.append(out.stat().st_size // 2)
+        print(f"\rTokens: {n}/{len(shard_paths)} shards, {sum(counts) / 1e6:.1f}M tokens, "
               f"{time.time() - t0:.0f}s", end="", flush=True)
     print()
-    return total
+    return counts
 
 def activate(name):
     write_atomic(CACHE_DIR / "active", lambda tmp: tmp.write_text(name + "\n"))
@@ -450,10 +506,11 @@ def finish_dataset(root, name, train, val, extra):
     if not (root / "tokenizer" / "tokenizer.pkl").exists():
         shutil.rmtree(root / "tokens", ignore_errors=True)  # tokens of an older tokenizer must not survive it
     train_tokenizer(shards, root / "tokenizer")
-    enc = pickle.loads((root / "tokenizer" / "tokenizer.pkl").read_bytes())
-    tokenize_shards(shards, root / "tokens", enc)
-    val_tokens = tokenize_shards([root / "shards" / val], root / "tokens", enc)
-    meta = dict(name=name, train=train, val=val, val_tokens=val_tokens, vocab_size=enc.n_vocab, **extra)
+    enc = Tokenizer.from_directory(root / "tokenizer").enc
+    train_tokens = tokenize_shards(shards, root / "tokens", enc)
+    [val_tokens] = tokenize_shards([root / "shards" / val], root / "tokens", enc)
+    meta = dict(name=name, train=train, val=val, val_tokens=val_tokens, train_tokens=train_tokens,
+                vocab_size=enc.n_vocab, **extra)
     write_json(root / "meta.json", meta)
     return meta
 
@@ -515,11 +572,17 @@ def active_dataset():
     return name
 
 def dataset_label(name=None):
-    """The dataset (the active one by default) as one word precise enough to tell results apart: climbmix,
-    stdlib-py3.11.7-1a2b3c4d (interpreter and content hash), from-NAME-1a2b3c4d (content hash)."""
+    """The dataset (the active one by default) as one word precise enough to tell results apart:
+    climbmix-10shards-1a2b3c4d (training shards and the sha256 of tokenizer.pkl), stdlib-py3.11.7-1a2b3c4d
+    (interpreter and content hash), from-NAME-1a2b3c4d (content hash)."""
     name = name or active_dataset()
     meta = read_meta(name)
     parts = [name]
+    if name == "climbmix":  # no content hash: the shard count and the tokenizer trained on them tell runs apart
+        tokenizer_dir = dataset_dir(name) / "tokenizer"
+        Tokenizer.from_directory(tokenizer_dir)  # a missing or damaged one stops here with the command to rebuild it
+        tokenizer_sha = hashlib.sha256((tokenizer_dir / "tokenizer.pkl").read_bytes()).hexdigest()
+        parts += [f"{len(meta['train'])}shards", tokenizer_sha[:8]]
     if meta.get("python"):
         parts.append(f"py{meta['python']}")
     if meta.get("fingerprint"):
@@ -537,9 +600,13 @@ class Tokenizer:
     def from_directory(cls, tokenizer_dir=None):
         tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else dataset_dir(active_dataset()) / "tokenizer"
         path = tokenizer_dir / "tokenizer.pkl"
-        if not path.exists():
-            raise SystemExit(f"no tokenizer at {tokenizer_dir}: run `uv run prepare.py`")
-        return cls(pickle.loads(path.read_bytes()))
+        try:
+            enc = pickle.loads(path.read_bytes())
+        except Exception:  # a missing file, or damaged bytes: unpickling those can raise almost any exception
+            enc = None
+        if not isinstance(enc, tiktoken.Encoding) or BOS_TOKEN not in enc.special_tokens_set:
+            raise damaged(tokenizer_dir.parent, path, "not a pickled tiktoken encoding with BOS", tokenizer_dir)
+        return cls(enc)
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -561,15 +628,34 @@ class Tokenizer:
 
 def get_token_bytes(device="cpu"):
     """UTF-8 byte length of every token id (0 for special tokens), for bits-per-byte."""
-    path = dataset_dir(active_dataset()) / "tokenizer" / "token_bytes.pt"
-    return torch.load(path, map_location=device)
+    name = active_dataset()
+    path = dataset_dir(name) / "tokenizer" / "token_bytes.pt"
+    try:
+        token_bytes = torch.load(path, map_location=device)
+    except Exception:  # a missing file, or damaged bytes: zip, pickle and torch each raise their own exceptions
+        token_bytes = None
+    vocab_size = read_meta(name)["vocab_size"]
+    if not (isinstance(token_bytes, torch.Tensor) and token_bytes.dtype == torch.int32
+            and token_bytes.shape == (vocab_size,)):
+        raise damaged(dataset_dir(name), path, f"not {vocab_size} int32 byte lengths", path.parent)
+    return token_bytes
 
 def token_files(split):
-    """The active dataset's token files for a split, in their fixed order."""
+    """The active dataset's token files for a split, in their fixed order, each checked against the token count
+    prepare recorded: two bytes per uint16 token."""
     name = active_dataset()
     meta = read_meta(name)
-    shards = meta["train"] if split == "train" else [meta["val"]]
-    return [dataset_dir(name) / "tokens" / (Path(s).stem + ".bin") for s in shards]
+    if split == "train":  # datasets prepared before train_tokens was recorded are checked for an even size only
+        shards, counts = meta["train"], meta.get("train_tokens") or [None] * len(meta["train"])
+    else:
+        shards, counts = [meta["val"]], [meta["val_tokens"]]
+    paths = [dataset_dir(name) / "tokens" / (Path(s).stem + ".bin") for s in shards]
+    for path, count in zip(paths, counts):
+        size = path.stat().st_size if path.exists() else None
+        if size is None or size % 2 or (count is not None and size != 2 * count):
+            expected = "an even number of" if count is None else 2 * count
+            raise damaged(dataset_dir(name), path, f"{size} bytes, not {expected} bytes of uint16 tokens")
+    return paths
 
 def iter_documents(paths, bos, epochs=None):
     """(token array of one BOS-led document, epoch) in fixed order, cycling over epochs (forever by default)."""
@@ -618,8 +704,8 @@ def pack_rows(documents, B, T, buffer_size=1000):
         yield rows, epoch
 
 def make_dataloader(tokenizer, B, T, split, device="cpu", buffer_size=1000):
-    """Infinite (inputs, targets, epoch) batches of shape (B, T) on `device`. Packing runs on a background
-    thread a few batches ahead, so the accelerator never waits for it."""
+    """Infinite (inputs, targets, epoch) batches of contiguous (B, T) tensors on `device`, targets shifted by one.
+    Packing runs on a background thread a few batches ahead, so the accelerator never waits for it."""
     assert split in ("train", "val"), split
     device = torch.device(device)
     docs = iter_documents(token_files(split), tokenizer.get_bos_token_id())
@@ -628,15 +714,16 @@ def make_dataloader(tokenizer, B, T, split, device="cpu", buffer_size=1000):
         try:
             for rows, epoch in pack_rows(docs, B, T, buffer_size):
                 rows = torch.from_numpy(rows)
-                batches.put((rows.pin_memory() if device.type == "cuda" else rows, epoch))
+                pair = torch.stack((rows[:, :-1], rows[:, 1:]))  # contiguous, as the reference's: .view(-1) works
+                batches.put((pair.pin_memory() if device.type == "cuda" else pair, epoch))
             batches.put(RuntimeError(f"the {split} split has no documents: run `uv run prepare.py` again"))
         except BaseException as e:  # hand any failure to the consumer instead of leaving it waiting forever
             batches.put(e)
     threading.Thread(target=produce, daemon=True).start()
     while not isinstance(item := batches.get(), BaseException):
-        rows, epoch = item
-        rows = rows.to(device, non_blocking=(device.type == "cuda"))  # only CUDA copies from pinned memory
-        yield rows[:, :-1], rows[:, 1:], epoch
+        pair, epoch = item
+        pair = pair.to(device, non_blocking=(device.type == "cuda"))  # only CUDA copies from pinned memory
+        yield pair[0], pair[1], epoch
     raise item
 
 # ---------------------------------------------------------------------------
@@ -702,7 +789,7 @@ def main():
     if args.source:
         source, files = corpus_files(args.source)
         name = "from-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", source.stem).strip("-.") or "corpus")
-        meta = prepare_local(name, corpus_documents(source, files), dict(source=str(source.resolve())))
+        meta = prepare_local(name, corpus_documents(files), dict(source=str(source.resolve())))
     elif args.dataset == "stdlib":
         meta = prepare_local("stdlib", stdlib_documents(),
                              dict(source="Python standard library", python=platform.python_version()))

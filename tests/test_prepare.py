@@ -4,6 +4,7 @@ Checked against independent references: packing against a naive linear-scan best
 float64 cross-entropy and hand-counted bytes, downloads against a real HTTP server on 127.0.0.1.
 Run: uv run pytest tests/test_prepare.py
 """
+import hashlib
 import io
 import json
 import math
@@ -11,12 +12,14 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiktoken
 import torch
 import torch.nn.functional as F
 
@@ -152,15 +156,18 @@ def test_pack_rows_invariants():
     assert used >= 0.9 * len(docs) - 50  # all documents are consumed except the final buffer's leftovers
 
 
-def test_loader_shifted_targets_and_determinism(tiny):
+def test_loader_yields_packed_rows_shifted_contiguous_and_deterministic(tiny):
     tok, _ = tiny
     a = prepare.make_dataloader(tok, 4, 32, "train")
     b = prepare.make_dataloader(tok, 4, 32, "train")
+    packed = prepare.pack_rows(prepare.iter_documents(prepare.token_files("train"), tok.get_bos_token_id()), 4, 32)
     for _ in range(20):
         xa, ya, ea = next(a)
         xb, yb, eb = next(b)
+        rows, epoch = next(packed)
         assert xa.shape == ya.shape == (4, 32) and xa.dtype == torch.int64
-        assert torch.equal(xa[:, 1:], ya[:, :-1])
+        assert torch.equal(xa.view(-1), torch.from_numpy(rows[:, :-1]).reshape(-1))  # .view: the reference's contract
+        assert torch.equal(ya.view(-1), torch.from_numpy(rows[:, 1:]).reshape(-1)) and ea == epoch
         assert (xa[:, 0] == tok.get_bos_token_id()).all()
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and ea == eb
 
@@ -245,34 +252,77 @@ def test_long_documents_are_chunked_not_discarded(tiny):
     assert long_doc in "".join(texts)  # in order, contiguous across chunks
 
 
-def test_split_is_deterministic_and_near_val_share():
+def held_out(key):
+    """The documented split, written independently: sha1 of the key's UTF-8, first 8 bytes big-endian, below 5%."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:16], 16) < 0.05 * 2**64
+
+
+# By hand: `printf copy.py | sha1sum` starts 0864ab9774e1fdf9, below 0ccccccccccccccc (5% of 2^64), so copy.py is
+# held out; os.py f7cf9ebd..., json/decoder.py bc8c91ce... are not. The same on every process and machine.
+PINNED_SIDES = {"copy.py": True, "dis.py": True, "tempfile.py": True, "traceback.py": True,
+                "os.py": False, "json/decoder.py": False, "random.py": False}
+
+
+def test_split_sides_are_pinned_and_near_val_share():
+    assert {key: prepare.is_val_doc(key) for key in PINNED_SIDES} == PINNED_SIDES
     keys = [f"file{i}.py" for i in range(20000)]
-    share = sum(map(prepare.is_val_doc, keys)) / len(keys)
-    assert abs(share - prepare.VAL_SHARE) < 0.01
-    assert [prepare.is_val_doc(k) for k in keys[:100]] == [prepare.is_val_doc(k) for k in keys[:100]]
+    sides = [prepare.is_val_doc(k) for k in keys]
+    assert sides == [held_out(k) for k in keys]
+    assert abs(sum(sides) / len(keys) - prepare.VAL_SHARE) < 0.01
+
+
+def split_of(tmp_path, name, files):
+    """(held-out texts, training texts) that --from's split makes of these files."""
+    train, val, _ = prepare.write_text_shards(tmp_path / name, prepare.corpus_documents(files))
+    read = lambda shard: pq.read_table(tmp_path / name / "shards" / shard).column("text").to_pylist()
+    return Counter(read(val)), Counter(t for shard in train for t in read(shard))
+
+
+def test_from_split_keys_on_content_alone(tmp_path):
+    """Rows reordered or moved to another file format hold out the same documents, those the sha1 rule picks, with
+    every copy of a duplicate on one side."""
+    rng = random.Random(3)
+    unique = list(dict.fromkeys(random_text(rng, 40) for _ in range(300)))
+    assert max(map(len, unique)) < prepare.CHUNK_CHARS  # whole documents, no chunks, in the shards
+    twice = [next(t for t in unique if held_out(t)), next(t for t in unique if not held_out(t))]
+    docs = unique + twice * 2
+    with open(tmp_path / "in_order.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+    shuffled = docs[::-1]
+    random.Random(4).shuffle(shuffled)
+    pq.write_table(pa.table({"text": shuffled}), tmp_path / "shuffled.parquet")
+    want_val = Counter(t for t in docs if held_out(t))
+    assert len(want_val) >= 5 and want_val[twice[0]] == 3
+    for name in ("in_order.jsonl", "shuffled.parquet"):
+        val, train = split_of(tmp_path, name.split(".")[0], [tmp_path / name])
+        assert val == want_val and val + train == Counter(docs)
 
 
 def write_corpus(folder):
+    """A .parquet, a .jsonl and .txt files under folder; returns their documents in --from's file order."""
     folder.mkdir(parents=True)
     rng = random.Random(1)
-    pq.write_table(pa.table({"text": [random_text(rng, 200) for _ in range(40)], "id": list(range(40))}),
-                   folder / "a.parquet")
+    docs = [random_text(rng, 200) for _ in range(80)] + [random_text(rng, 500) for _ in range(5)]
+    pq.write_table(pa.table({"text": docs[:40], "id": list(range(40))}), folder / "a.parquet")
     with open(folder / "b.jsonl", "w") as f:
-        for _ in range(40):
-            f.write(json.dumps({"text": random_text(rng, 200), "meta": 1}) + "\n")
+        for text in docs[40:80]:
+            f.write(json.dumps({"text": text, "meta": 1}) + "\n")
     (folder / "sub").mkdir()
-    for i in range(5):
-        (folder / "sub" / f"c{i}.txt").write_text(random_text(rng, 500), encoding="utf-8")
+    for i, text in enumerate(docs[80:]):
+        (folder / "sub" / f"c{i}.txt").write_text(text, encoding="utf-8")
+    return docs
 
 
 def test_from_corpus_end_to_end(tmp_path):
-    write_corpus(tmp_path / "mycorpus")
-    r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus"))
+    docs = write_corpus(tmp_path / "mycorpus")
+    r = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus"), env={"PYTHONHASHSEED": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"^dataset:     from-mycorpus-[0-9a-f]{8}$", r.stdout, re.MULTILINE)
     assert (tmp_path / "cache" / "active").read_text().strip() == "from-mycorpus"
     meta = json.loads((tmp_path / "cache" / "from-mycorpus" / "meta.json").read_text())
-    assert meta["documents"] == 85 and meta["val_documents"] >= 1
+    assert meta["documents"] == 85 and meta["val_documents"] == sum(map(held_out, docs)) >= 2
+    val = pq.read_table(tmp_path / "cache" / "from-mycorpus" / "shards" / "val.parquet").column("text").to_pylist()
+    assert "".join(val) == "".join(filter(held_out, docs))  # another process, another hash seed: the same split
     again = run_prepare(tmp_path / "cache", "--from", str(tmp_path / "mycorpus"))
     assert "already prepared" in again.stdout
 
@@ -437,6 +487,52 @@ def test_eval_rows_are_fixed_and_bos_aligned(tiny, monkeypatch):
     assert rows.shape == (20, prepare.MAX_SEQ_LEN + 1)
     assert (rows[:, 0] == tok.get_bos_token_id()).all()
     np.testing.assert_array_equal(rows, prepare.eval_rows(tok))
+
+
+# A hand-built dataset: tokens a, bc, é, def (1, 2, 2 and 3 UTF-8 bytes) and BOS = 4 (0 bytes), three documents
+# that best-fit packing puts into two rows of context 4: the 5-token document, then the 3- and 2-token ones.
+GOLDEN_DOCS = [[4, 0], [4, 1, 2], [4, 2, 2, 0, 3]]
+GOLDEN_ROWS = [[4, 2, 2, 0, 3], [4, 1, 2, 4, 0]]
+
+
+@pytest.fixture
+def golden(cache, monkeypatch):
+    root = cache / "golden"
+    (root / "tokens").mkdir(parents=True)
+    (root / "tokenizer").mkdir()
+    tokens = np.array(sum(GOLDEN_DOCS, []), dtype=np.uint16)
+    tokens.tofile(root / "tokens" / "val.bin")
+    torch.save(torch.tensor([1, 2, 2, 3, 0], dtype=torch.int32), root / "tokenizer" / "token_bytes.pt")
+    prepare.write_json(root / "meta.json", dict(name="golden", train=[], val="val.parquet", val_tokens=len(tokens),
+                                                vocab_size=5))
+    prepare.activate("golden")
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 4)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 8)
+    ranks = {b"a": 0, b"bc": 1, "é".encode(): 2, b"def": 3}
+    return prepare.Tokenizer(tiktoken.Encoding("golden", pat_str=r"\S+", mergeable_ranks=ranks,
+                                               special_tokens={prepare.BOS_TOKEN: 4}))
+
+
+class UniformLogits(torch.nn.Module):
+    """All-zero logits over 5 tokens: every target costs ln 5 nats."""
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y, reduction="mean"):
+        return F.cross_entropy(torch.zeros(y.numel(), 5), y.reshape(-1), reduction=reduction)
+
+
+def test_eval_rows_golden(golden):
+    np.testing.assert_array_equal(prepare.eval_rows(golden), GOLDEN_ROWS)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_bpb_golden(golden, batch_size):
+    """Targets é é a def | bc é BOS a: 7 scored tokens (BOS has no bytes) and 8 + 5 = 13 bytes, so 7 ln 5 nats over
+    13 ln 2; rel 1e-6 is float32's cross-entropy of ln 5."""
+    bpb = prepare.evaluate_bpb(UniformLogits(), golden, batch_size)
+    assert bpb == pytest.approx(7 * math.log2(5) / 13, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -614,12 +710,40 @@ def test_climbmix_cli_end_to_end(server, tmp_path):
     r = run_prepare(tmp_path / "cache", "--num-shards", "2", "--download-workers", "2",
                     env={"HF_ENDPOINT": server.endpoint})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "dataset:     climbmix\n" in r.stdout and "train:       2 shards" in r.stdout
     root = tmp_path / "cache" / "climbmix"
+    tokenizer_sha = hashlib.sha256((root / "tokenizer" / "tokenizer.pkl").read_bytes()).hexdigest()
+    assert f"dataset:     climbmix-2shards-{tokenizer_sha[:8]}\n" in r.stdout and "train:       2 shards" in r.stdout
     assert sorted(p.name for p in (root / "tokens").iterdir()) == ["shard_00000.bin", "shard_00001.bin",
                                                                    "shard_06542.bin"]
     again = run_prepare(tmp_path / "cache", "--num-shards", "2", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert again.returncode == 0 and "3/3 shards present and valid" in again.stdout  # no network needed
+
+
+def test_climbmix_tokenizer_is_checked_against_its_shards(server, cache, monkeypatch):
+    """A tokenizer is reused only where it would be trained again the same; the label names shards and tokenizer."""
+    tokenizer = cache / "climbmix" / "tokenizer"
+    def label():
+        return f"climbmix-{len(prepare.read_meta('climbmix')['train'])}shards-" + \
+            hashlib.sha256((tokenizer / "tokenizer.pkl").read_bytes()).hexdigest()[:8]
+
+    prepare.prepare_climbmix(1, workers=2)
+    one = prepare.dataset_label()
+    assert one == label() and one.startswith("climbmix-1shards-")
+    with pytest.raises(SystemExit, match=rf"the tokenizer in {re.escape(str(tokenizer))} does not fit this dataset "
+                                         r"\(it was trained on 1 shards, not on these 2\): retrain it with `rm -r "):
+        prepare.prepare_climbmix(2, workers=2)
+    assert prepare.dataset_label() == one  # nothing was rebuilt
+    (tokenizer / "trained_on.json").unlink()  # as left by a prepare.py older than the record
+    with pytest.raises(SystemExit, match="no readable trained_on.json records what it was trained on"):
+        prepare.prepare_climbmix(1, workers=2)
+
+    shutil.rmtree(tokenizer)  # the fix the message names; the character cap now stops training in shard 0
+    monkeypatch.setattr(prepare, "TOKENIZER_MAX_CHARS", 1000)
+    prepare.prepare_climbmix(2, workers=2)
+    two = prepare.dataset_label()
+    assert two == label() and two.startswith("climbmix-2shards-") and two[-8:] != one[-8:]
+    prepare.prepare_climbmix(3, workers=2)  # shard 0 still comes first: the same tokenizer fits
+    assert prepare.dataset_label() == f"climbmix-3shards-{two[-8:]}" == label()
 
 
 def test_stdlib_label_names_interpreter_and_content(cache, monkeypatch, capsys):
