@@ -774,12 +774,26 @@ def probe_dtype(device):
     return torch.float32, f"fp32: a 512x512 bf16 matmul takes {bf16 / fp32:.1f}x the fp32 time here"
 
 
+def cxx_problem():
+    """None when the C++ compiler that inductor builds CPU kernels with runs, else why not. torch's own check
+    (`$CXX --version`; g++ by default, clang++ on macOS, cl on Windows), in the module torch.compile loads anyway."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # InvalidCxxCompiler; a RuntimeError when Windows has no cl
+        return (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return None
+
+
 def pick_compile(device):
     """(compile the model, compile the optimizer steps, why)."""
     if device == "cuda":
         return True, True, "CUDA: model and optimizer steps; compile time is repaid within the first minute"
     if device == "mps":
         return False, False, "MPS: eager (inductor support for Metal is partial)"
+    problem = cxx_problem()
+    if problem:
+        return False, False, f"CPU: eager ({problem}); install g++ or set CXX to compile, 1.3-1.8x faster steps"
     # measured on a 2-core AMD EPYC (d4 w128): ~25 s to compile, then 1.3-1.8x faster steps as the softcap and
     # cross-entropy over 8192 logits fuse; the optimizer is 3-4% of a step, its Polar Express matmuls, and
     # compiling it left that time unchanged (203-248 ms either way at width 256)
@@ -839,10 +853,11 @@ def pick_clock(device):
 
 
 def peak_memory_mb(device):
+    """Peak memory in MiB, or None on MPS: Metal reports only the memory in use now, no peak."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     if device == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
+        return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS: KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
@@ -851,6 +866,24 @@ def peak_flops(device):
     """This device's dense bf16 peak, or None when it is not in BF16_PEAK_FLOPS (MFU is then not reported)."""
     name = torch.cuda.get_device_name() if device == "cuda" else ""
     return next((flops for pattern, flops in BF16_PEAK_FLOPS if name and re.search(pattern, name)), None)
+
+
+def describe():
+    """Make every set-up decision and print it with its reason: the first lines of a run, and all that
+    `uv run python -c "import train; train.describe()"` prints (it trains nothing)."""
+    dataset = dataset_label()  # exits with the prepare.py command to run when nothing is prepared
+    device, why = pick_device()
+    print(f"device:    {device} ({why})")
+    dtype, why = pick_dtype(device)
+    print(f"precision: {why}")
+    attention, why = pick_attention(device)
+    print(f"attention: {attention} ({why})")
+    compile_model, compile_optimizer, why = pick_compile(device)
+    print(f"compile:   {why}")
+    clock, why = pick_clock(device)
+    print(f"budget:    {TIME_BUDGET:g}s of {why}")
+    print(f"profile:   {PROFILE} ({PROFILE_REASON}), dataset {dataset}, context {MAX_SEQ_LEN}")
+    return dataset, device, dtype, attention, compile_model, compile_optimizer, clock
 
 # ---------------------------------------------------------------------------
 # Schedules, driven by progress = training time / budget
@@ -890,19 +923,8 @@ def update_schedules(optimizer, step, progress):
 
 def main():
     t_start = time.time()
-    dataset = dataset_label()  # exits with the prepare.py command to run when nothing is prepared
+    dataset, device, dtype, attention, compile_model, compile_optimizer, clock = describe()
     tokenizer = Tokenizer.from_directory()
-    device, why = pick_device()
-    print(f"device:    {device} ({why})")
-    dtype, why = pick_dtype(device)
-    print(f"precision: {why}")
-    attention, why = pick_attention(device)
-    print(f"attention: {attention} ({why})")
-    compile_model, compile_optimizer, why = pick_compile(device)
-    print(f"compile:   {why}")
-    clock, why = pick_clock(device)
-    print(f"budget:    {TIME_BUDGET:g}s of {why}")
-    print(f"profile:   {PROFILE} ({PROFILE_REASON}), dataset {dataset}, context {MAX_SEQ_LEN}")
     torch.manual_seed(SEED)
 
     if TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
@@ -958,9 +980,9 @@ def main():
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         tokens_per_second = TOTAL_BATCH_SIZE / dt
-        mfu = 100 * flops_per_token * tokens_per_second / peak if peak else 0.0
+        mfu = f"{100 * flops_per_token * tokens_per_second / peak:.1f}%" if peak else "n/a"
         print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss: {smooth_loss / (1 - 0.9 ** (step + 1)):.6f} | "
-              f"lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | tok/sec: {tokens_per_second:,.0f} | mfu: {mfu:.1f}% | "
+              f"lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | tok/sec: {tokens_per_second:,.0f} | mfu: {mfu} | "
               f"epoch: {epoch} | remaining: {max(0.0, TIME_BUDGET - training_seconds):.0f}s    ", end="", flush=True)
         if step == 0:  # everything allocated so far lives for the whole run: stop the collector scanning it
             gc.collect()
@@ -978,13 +1000,14 @@ def main():
         val_bpb = evaluate_bpb(train_model, tokenizer, rows)
     eval_seconds = time.time() - t_eval
     print(f"start-up and first 11 steps (compilation included): {warmup_seconds:.1f}s, evaluation: {eval_seconds:.1f}s")
+    peak_mb = peak_memory_mb(device)
     summary = [
         ("val_bpb", f"{val_bpb:.6f}"),
         ("training_seconds", f"{training_seconds:.1f}"),
         ("total_seconds", f"{time.time() - t_start:.1f}"),
-        ("peak_vram_mb", f"{peak_memory_mb(device):.1f}"),
+        ("peak_vram_mb", f"{peak_mb:.1f}" if peak_mb is not None else "n/a"),
         ("mfu_percent", f"{100 * flops_per_token * TOTAL_BATCH_SIZE * (step - 11) / training_seconds / peak:.2f}"
-         if peak else "0.00"),
+         if peak else "n/a"),
         ("total_tokens_M", f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}"),
         ("num_steps", step),
         ("num_params_M", f"{num_params / 1e6:.1f}"),

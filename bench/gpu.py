@@ -105,17 +105,10 @@ def measure(backend, device, dtype, tokenizer, steps, warmup, memory_gb=None):
                 final_loss=loss.item())
 
 
-def positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=positive, default=20, help="timed steps per backend")
-    parser.add_argument("--warmup", type=positive, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--steps", type=runs.at_least(1), default=20, help="timed steps per backend")
+    parser.add_argument("--warmup", type=runs.at_least(1), default=5, help="untimed steps first (compilation)")
     parser.add_argument("--backends", default="fa3,flex", help="CUDA: comma-separated, of fa3, flex, sdpa")
     parser.add_argument("--memory-gb", default="", help="CUDA: simulated card sizes in GB, e.g. 24,40")
     parser.add_argument("--out", help="JSON file to write (default bench/results/gpu-<device>.json)")
@@ -146,8 +139,9 @@ def main():
           f"{'loader wait %':>14} {'start-up s':>11} {'recompiles':>10}")
     for r in rows:
         mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "n/a"
+        peak_mb = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "n/a"  # MPS keeps no peak
         print(f"{r['backend']:<8} {r['memory_gb'] or '-':>7} {r['micro_batch']:>5} {r['ms_per_step']:>9.1f} "
-              f"{r['tokens_per_second']:>11,.0f} {mfu:>6} {r['peak_memory_mb']:>9.0f} "
+              f"{r['tokens_per_second']:>11,.0f} {mfu:>6} {peak_mb:>9} "
               f"{r['loader_wait_percent']:>14.2f} {r['startup_seconds']:>11.1f} {r['recompiles']:>10}")
     out = Path(args.out) if args.out else RESULTS / f"gpu-{runs.slug(device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
