@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
-case "${1:-}" in
+case "$*" in
     --dry-run) DRY=1 ;;
     "") ;;
     *) echo "usage: bash bench/device_check.sh [--dry-run]" >&2; exit 2 ;;

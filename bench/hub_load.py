@@ -12,10 +12,13 @@ improvement (a real git bundle of its whole history), fetch another agent's comm
 soon as the last one answers, so the figure is the hub's capacity; with --rate the calls are spread evenly at that
 rate and the latencies are those of a hub under that load. The client's own Python runs on the same cores.
 Setting up (registering, building the bundles) is not timed. A real agent makes about ten calls per 5-minute
-experiment, so N requests/s serve about N * 30 agents.
+experiment, so N requests/s serve about N * 30 agents. Prints a table and writes it as JSON to
+bench/results/hub-load-<machine>-<flat-out or rate>.json, or --out.
 """
 
 import argparse
+import datetime
+import json
 import random
 import socket
 import subprocess
@@ -28,7 +31,10 @@ from pathlib import Path
 
 import requests
 
+import runs
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 ADMIN_KEY = "bench-admin-key"
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench",
            "GIT_COMMITTER_EMAIL": "bench@example.com", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
@@ -198,32 +204,47 @@ def cpu_model() -> str:
         return "unknown CPU"
 
 
+def summarize(record: Recorder) -> list[dict]:
+    """Count, errors, p50 and p99 per call kind, the most frequent first, then all calls together."""
+    kinds = sorted(record.latencies.items(), key=lambda kv: -len(kv[1]))
+    kinds.append(("all", [dt for _, values in kinds for dt in values]))
+    errors = {**record.errors, "all": sum(record.errors.values())}
+    return [dict(call=kind, count=len(values), errors=errors.get(kind, 0), p50_ms=1000 * percentile(values, .5),
+                 p99_ms=1000 * percentile(values, .99)) for kind, values in kinds]
+
+
 def report(record: Recorder, elapsed: float, args) -> None:
-    latencies, errors = record.latencies, record.errors
-    every = [dt for values in latencies.values() for dt in values]
+    rows, machine = summarize(record), cpu_model()
     pacing = f"paced at {args.rate:g} requests/s" if args.rate else "flat out"
-    print(f"hub load: {args.agents} agents on {args.workers} client threads, {pacing}, {elapsed:.1f} s; {cpu_model()}")
+    print(f"hub load: {args.agents} agents on {args.workers} client threads, {pacing}, {elapsed:.1f} s; {machine}")
     print(f"{'call':<18}{'count':>7}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}")
-    for kind, values in sorted(latencies.items(), key=lambda kv: -len(kv[1])):
-        print(f"{kind:<18}{len(values):>7}{errors[kind]:>8}{1000 * percentile(values, .5):>9.1f}"
-              f"{1000 * percentile(values, .99):>9.1f}")
-    rate = len(every) / elapsed
-    print(f"{'all':<18}{len(every):>7}{sum(errors.values()):>8}{1000 * percentile(every, .5):>9.1f}"
-          f"{1000 * percentile(every, .99):>9.1f}")
-    print(f"throughput: {rate:.0f} requests/s, p50 {1000 * percentile(every, .5):.1f} ms, "
-          f"p99 {1000 * percentile(every, .99):.1f} ms; at ~10 calls per 5-minute experiment that is "
-          f"~{rate * 30:,.0f} agents")
+    for r in rows:
+        print(f"{r['call']:<18}{r['count']:>7}{r['errors']:>8}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")
+    rate = rows[-1]["count"] / elapsed
+    print(f"throughput: {rate:.0f} requests/s, p50 {rows[-1]['p50_ms']:.1f} ms, p99 {rows[-1]['p99_ms']:.1f} ms; at "
+          f"~10 calls per 5-minute experiment that is ~{rate * 30:,.0f} agents")
+    name = f"hub-load-{runs.slug(machine)}-{f'rate{args.rate:g}' if args.rate else 'flat-out'}.json"
+    out = args.out or RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(machine=machine, date=datetime.date.today().isoformat(), agents=args.agents,
+                                   workers=args.workers, seconds=args.seconds, rate=args.rate, elapsed=elapsed,
+                                   requests_per_second=rate, calls=rows), indent=1))
+    print(f"wrote {out}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--agents", type=int, default=24)
-    p.add_argument("--workers", type=int, default=8, help="client threads sending calls at once")
-    p.add_argument("--seconds", type=float, default=15.0)
-    p.add_argument("--rate", type=float, default=0, help="requests/s to pace the calls at (default: flat out)")
-    p.add_argument("--pushes", type=int, default=12, help="bundles prebuilt per agent (its improvements)")
+    p.add_argument("--agents", type=runs.at_least(1), default=24)
+    p.add_argument("--workers", type=runs.at_least(1), default=8, help="client threads sending calls at once")
+    p.add_argument("--seconds", type=runs.at_least(0.1, float), default=15.0)
+    p.add_argument("--rate", type=runs.at_least(0, float), default=0,
+                   help="requests/s to pace the calls at (default: flat out)")
+    p.add_argument("--pushes", type=runs.at_least(1), default=12, help="bundles prebuilt per agent (its improvements)")
     p.add_argument("--keep", type=Path, help="use this folder for the hub's data and keep it afterwards")
+    p.add_argument("--out", type=Path, help="JSON file to write (default bench/results/hub-load-<machine>-...json)")
     args = p.parse_args()
+    if args.workers > args.agents:  # a thread without agents would spin for the whole run
+        p.error(f"--workers {args.workers}: at most --agents ({args.agents})")
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.keep or Path(tmp) / "data"

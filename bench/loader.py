@@ -2,11 +2,12 @@
 
 Compares the packing loader (documents tokenized once at prepare time) with what tokenizing on the fly
 would cost, as in the reference. Needs a prepared dataset (e.g. `uv run prepare.py --dataset stdlib`).
+Prints a table and writes it as JSON to bench/results/loader-<machine>.json, or --out.
 Run: uv run bench/loader.py [--seconds 5]
 """
 import argparse
+import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -15,16 +16,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
+import runs
+import train
 
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def loader_rate(tokenizer, B, T, seconds):
@@ -39,7 +34,8 @@ def loader_rate(tokenizer, B, T, seconds):
 
 def tokenize_rate(tokenizer, seconds):
     """Tokens/s of tiktoken's threaded batch encoder over the training text: the on-the-fly alternative."""
-    shard = prepare.dataset_dir(prepare.active_dataset()) / "shards" / prepare.read_meta(prepare.active_dataset())["train"][0]
+    name = prepare.active_dataset()
+    shard = prepare.dataset_dir(name) / "shards" / prepare.read_meta(name)["train"][0]
     texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
     tokens, t0, i = 0, time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
@@ -50,16 +46,26 @@ def tokenize_rate(tokenizer, seconds):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=runs.at_least(0.1, float), default=5.0, help="measuring time of each row")
+    parser.add_argument("--out", help="JSON file to write (default bench/results/loader-<machine>.json)")
     args = parser.parse_args()
     tokenizer = prepare.Tokenizer.from_directory()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; dataset {prepare.active_dataset()}")
+    machine = f"{train.cpu_name()}, {os.cpu_count()} cores"
+    print(f"machine: {machine}; dataset {prepare.dataset_label()}")
+    rows = [dict(what=f"packing loader, B={B} T={T}", tokens_per_second=loader_rate(tokenizer, B, T, args.seconds))
+            for B, T in [(128, 2048), (32, 256)]]
+    rows.append(dict(what="tokenizing on the fly (tiktoken, all cores)",
+                     tokens_per_second=tokenize_rate(tokenizer, args.seconds)))
     print(f"{'what':<44} {'M tokens/s':>10}")
-    for B, T in [(128, 2048), (32, 256)]:
-        print(f"{f'packing loader, B={B} T={T}':<44} {loader_rate(tokenizer, B, T, args.seconds) / 1e6:>10.2f}")
-    print(f"{'tokenizing on the fly (tiktoken, all cores)':<44} {tokenize_rate(tokenizer, args.seconds) / 1e6:>10.2f}")
+    for r in rows:
+        print(f"{r['what']:<44} {r['tokens_per_second'] / 1e6:>10.2f}")
     print("target: >= 2M tokens/s (one H100 consumes about 1.7M tokens/s at the reference config)")
+    out = Path(args.out) if args.out else RESULTS / f"loader-{runs.slug(machine)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare.write_json(out, dict(machine=machine, dataset=prepare.dataset_label(), seconds=args.seconds,
+                                 date=datetime.date.today().isoformat(), rows=rows))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

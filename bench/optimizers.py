@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
+import runs
 import train
 
 # Matrix lr per optimizer: the best of a sweep in factors of 2 at 300 steps, each an interior optimum (the sweep
@@ -74,8 +75,9 @@ def print_table(rows):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (at least 200)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=runs.at_least(WARMUP_STEPS + 1), default=300,
+                        help=f"optimizer steps per run, more than {WARMUP_STEPS} (the table and the lrs: 300)")
     parser.add_argument("--sweep", action="store_true", help="also try 0.5x and 2x every lr; print each rule's runs")
     args = parser.parse_args()
     device, device_name = train.pick_device()

@@ -1,6 +1,7 @@
 """Run train.py as a subprocess, some of its constants edited, and read its summary block: the machinery that the
 bench scripts and the end-to-end tests share.
 """
+import argparse
 import os
 import re
 import subprocess
@@ -53,6 +54,17 @@ def run_train(edits=None, env=None, timeout=900, log=None):
     if log:
         Path(log).write_text(output)
     return read_summary(result.stdout), output, time.time() - t0
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number of `kind` no smaller than `low`, else one line saying so."""
+    def check(text):
+        value = kind(text)
+        if not value >= low:  # `not >=` also refuses nan
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
+        return value
+    check.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return check
 
 
 def parse_edits(pairs):

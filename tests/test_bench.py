@@ -1,20 +1,39 @@
 """
-The bench scripts, run as a user runs them (subprocesses on a prepared stdlib cache) with their smallest
-arguments: each finishes and writes its JSON, and bad arguments stop with one line naming the fix.
-bench/device_check.sh --dry-run runs the GPU check's steps on the CPU, tiny, so the script cannot rot while no
-GPU is lent.
+The bench scripts, each with its smallest arguments, on a prepared stdlib cache:
+- run as a user runs them (subprocesses): bench/device_check.sh --dry-run (the GPU check's steps on the CPU, tiny,
+  bench/gpu.py among them, so the script cannot rot while no GPU is lent), bench/noise.py, bench/loader.py and
+  bench/hub_load.py: each finishes and writes its JSON, checked against invariants (the hub's pacing bound, one
+  result post per read of #results, bench/port_speed.py's step count against the run's own num_steps);
+- bench/optimizers.py in-process with a smaller model (its fixed model, compiled six times, takes minutes here);
+- bench/cpu_defaults.py and bench/port_speed.py, whose runs train for minutes: their candidates, plan and parsing
+  against hand-computed values; bench/noise.py's plan and statistics likewise; bench/runs.py's helpers;
+- bad arguments of every script stop with one line naming the fix, before any work (in-process, on an empty cache).
 
-Run: uv run pytest tests/test_bench.py      (about 2-3 minutes on 2 cores)
+Run: uv run pytest tests/test_bench.py      (about 3-5 minutes on 2 cores, most of it the device check's dry run)
 """
 
+import argparse
+import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+import prepare
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import cpu_defaults  # noqa: E402  (bench/: the scripts' pure functions)
+import noise  # noqa: E402
+import port_speed  # noqa: E402
+import runs  # noqa: E402
+
 TINY = ["--edit", "DEPTH=2", "--edit", "ASPECT_RATIO=32", "--edit", "HEAD_DIM=32", "--edit",
         "TOTAL_BATCH_SIZE=2**11", "--edit", "DEVICE_BATCH_SIZE=8"]
 
@@ -22,6 +41,15 @@ TINY = ["--edit", "DEPTH=2", "--edit", "ASPECT_RATIO=32", "--edit", "HEAD_DIM=32
 def run(args, cache, timeout=900, **env):
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "AUTORESEARCH_CACHE": str(cache), "PYTHON": sys.executable, **env})
+
+
+def run_main(script, args, monkeypatch):
+    """bench/<script>.py's main() in this process with `args` on its command line."""
+    monkeypatch.setattr(sys, "argv", [f"bench/{script}.py", *args])
+    importlib.import_module(script).main()
+
+# ---------------------------------------------------------------------------
+# Whole runs
 
 
 def test_device_check_dry_run_writes_every_step(stdlib_cache, tmp_path):
@@ -36,16 +64,11 @@ def test_device_check_dry_run_writes_every_step(stdlib_cache, tmp_path):
     assert (out / "device_check.log").read_text().count("[") >= 4  # a time stamp per step
 
 
-def test_device_check_rejects_unknown_arguments(tmp_path):
-    result = run(["bash", "bench/device_check.sh", "--dry"], tmp_path, OUT=str(tmp_path))
-    assert result.returncode == 2 and "usage" in result.stderr
-
-
-def test_gpu_bench_validates_arguments(tmp_path):
-    for args, message in ((["--warmup", "0"], "must be at least 1"), (["--backends", "fa2"], "choose from")):
-        result = run([sys.executable, "bench/gpu.py", *args], tmp_path)
-        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
-        assert "Traceback" not in result.stderr
+def test_device_check_parses_and_takes_only_dry_run(tmp_path):
+    assert subprocess.run(["bash", "-n", "bench/device_check.sh"], cwd=REPO).returncode == 0
+    for args in (["--dry"], ["--dry-run", "--extra"], ["run"]):
+        result = run(["bash", "bench/device_check.sh", *args], tmp_path, OUT=str(tmp_path))
+        assert result.returncode == 2 and "usage" in result.stderr, (args, result.stderr)
 
 
 def test_noise_bench_smallest_run(stdlib_cache, tmp_path):
@@ -58,12 +81,155 @@ def test_noise_bench_smallest_run(stdlib_cache, tmp_path):
     assert report["groups"]["same seed"]["runs"] == 1 and report["groups"]["same seed"]["std"] is None
     run_ = report["runs"][0]
     assert math.isfinite(run_["val_bpb"]) and run_["num_steps"] > 10 and run_["precision"]
+    # bench/port_speed.py reads the same step lines: it times every step after the 11th
+    ms, timed = port_speed.step_ms(next(tmp_path.glob("*.log")).read_text())
+    assert timed == run_["num_steps"] - 11 and ms > 0
 
 
-def test_noise_and_sweep_reject_bad_arguments(tmp_path):
-    for args, message in (([sys.executable, "bench/noise.py", "--edit", "DEPTHS=2"], "no constant DEPTHS"),
-                          ([sys.executable, "bench/noise.py", "--repeats", "0"], "at least 1"),
-                          ([sys.executable, "bench/cpu_defaults.py", "--only", "huge"], "unknown ['huge']")):
-        result = run(args, tmp_path)
-        assert result.returncode != 0 and message in result.stderr + result.stdout, (args, result.stderr[-500:])
-        assert "Traceback" not in result.stderr, result.stderr[-1500:]
+def test_loader_bench_smallest_run(stdlib_cache, tmp_path):
+    out = tmp_path / "loader.json"
+    result = run([sys.executable, "bench/loader.py", "--seconds", "0.2", "--out", str(out)], stdlib_cache)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["what"] for r in report["rows"]] == ["packing loader, B=128 T=2048", "packing loader, B=32 T=256",
+                                                    "tokenizing on the fly (tiktoken, all cores)"]
+    assert all(math.isfinite(r["tokens_per_second"]) and r["tokens_per_second"] > 0 for r in report["rows"])
+    assert report["dataset"].startswith("stdlib-") and report["machine"].endswith(f", {os.cpu_count()} cores")
+
+
+def test_hub_load_bench_paced_run(tmp_path):
+    out, rate = tmp_path / "hub.json", 30
+    result = run([sys.executable, "bench/hub_load.py", "--agents", "2", "--workers", "1", "--seconds", "1",
+                  "--pushes", "2", "--rate", str(rate), "--out", str(out)], tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    calls = {c["call"]: c for c in report["calls"]}
+    assert calls["all"]["count"] == sum(c["count"] for name, c in calls.items() if name != "all")
+    assert calls["all"]["errors"] == 0 and calls["all"]["p50_ms"] <= calls["all"]["p99_ms"]
+    # every experiment reads both channels, the table and the leaves once, and posts one result
+    counts = {calls[name]["count"] for name in ("read #results", "read #discussion", "results table", "leaves",
+                                                "post result")}
+    assert len(counts) == 1 and counts.pop() > 0, calls
+    # paced: call k starts no earlier than k / rate after the start
+    assert calls["all"]["count"] <= rate * report["elapsed"] + 1, report
+
+
+def test_optimizers_bench_smallest_run(stdlib_cache, monkeypatch, capsys):
+    """Every rule for 6 steps (one timed), then the table against AdamW; eager, one narrow block, 2 rows a step."""
+    monkeypatch.setattr(prepare, "CACHE_DIR", stdlib_cache)
+    optimizers = importlib.import_module("optimizers")
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # compiling six models takes minutes here
+    monkeypatch.setattr(optimizers, "WIDTH", 64)
+    monkeypatch.setattr(optimizers, "ROWS", 2)
+    monkeypatch.setattr(optimizers, "VAL_ROWS", 4)
+    run_main("optimizers", ["--steps", str(optimizers.WARMUP_STEPS + 1)], monkeypatch)
+    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if re.match(r"\| \w+ \| [\d.]", line)]
+    assert [row[0].strip("| ") for row in table] == list(optimizers.LRS)
+    assert table[0][3] == "+0.0000" and table[0][5] == "1.00x |", table[0]
+    for row in table:  # the loss against AdamW's, each rounded to 4 places
+        assert float(row[3]) == pytest.approx(float(row[2]) - float(table[0][2]), abs=2e-4), row
+    untrained = math.log(prepare.Tokenizer.from_directory().get_vocab_size())  # a near-uniform prediction's loss
+    assert all(0 < float(row[2]) < untrained for row in table), table
+
+# ---------------------------------------------------------------------------
+# Pure functions, against hand-computed values
+
+
+def test_noise_plan_and_stats():
+    assert noise.plan(argparse.Namespace(load=False, repeats=2, seeds=2)) == [
+        ("same seed", 42, False), ("same seed", 42, False), ("different seeds", 43, False),
+        ("different seeds", 44, False)]
+    assert noise.plan(argparse.Namespace(load=True, repeats=2, seeds=3)) == [
+        ("alone", 42, False), ("busy", 42, True), ("alone", 42, False), ("busy", 42, True)]
+    s = noise.stats([dict(val_bpb=1.0, num_steps=10), dict(val_bpb=1.4, num_steps=12),
+                     dict(val_bpb=1.2, num_steps=11)])
+    assert s["runs"] == 3 and s["steps_min"] == 10 and s["steps_max"] == 12
+    # deviations -0.2, 0.2, 0: sample variance (0.04 + 0.04) / 2
+    assert s["mean"] == pytest.approx(1.2) and s["std"] == pytest.approx(0.2) and s["spread"] == pytest.approx(0.4)
+    assert noise.stats([dict(val_bpb=1.5, num_steps=7)])["std"] is None
+
+
+def test_cpu_defaults_candidates_are_what_their_names_say():
+    """Each name spells its shape (window, dN depth, wN width, bN 2^N tokens; depth 4, width 128 unless named), the
+    edits apply to train.py, and the batch splits into whole micro-batches at the CPU profiles' context of 256."""
+    source = (REPO / "train.py").read_text()
+    for profile, candidates in cpu_defaults.CANDIDATES.items():
+        for name, edits in candidates.items():
+            runs.edit_constants(source, edits)  # raises on a constant train.py lacks
+            value = {k: eval(v) for k, v in edits.items()}
+            if name == "ref-small":  # the reference README's small computer
+                name = "L-w256-b14"
+            window, *parts = name.split("-")
+            shape = dict(d=4, w=128) | {p[0]: int(p[1:]) for p in parts}
+            width = -(-value["DEPTH"] * value["ASPECT_RATIO"] // value["HEAD_DIM"]) * value["HEAD_DIM"]
+            assert (value["WINDOW_PATTERN"], value["DEPTH"], width, value["TOTAL_BATCH_SIZE"]) == \
+                (window, shape["d"], shape["w"], 2 ** shape["b"]), (profile, name)
+            assert value["TOTAL_BATCH_SIZE"] % (value["DEVICE_BATCH_SIZE"] * 256) == 0, (profile, name)
+
+
+def test_port_speed_reads_median_step_after_the_11th():
+    # train.py's and the port's step lines, joined by \r as printed; steps 0-10 include compilation
+    dts = [900] * 11 + [120, 100, 140, 130]
+    output = "\r".join(f"step {i:05d} (5.0%) | loss: 7.1 | lrm: 1.00 | dt: {dt}ms | tok/sec: 1" for i, dt in
+                       enumerate(dts)) + "\n---\nval_bpb: 1.9\n"
+    assert port_speed.step_ms(output) == (125, 4)  # median of 100, 120, 130, 140
+    with pytest.raises(SystemExit, match="no timed steps"):
+        port_speed.step_ms(output.split("step 00011")[0])
+
+
+def test_runs_helpers():
+    assert runs.slug("Intel(R) Xeon(R) Processor, 2 threads") == "Intel-R-Xeon-R-Processor-2-threads"
+    source = "if a:\n    DEPTH = 8                # blocks\nelse:\n    DEPTH = 4\nDEPTHS = 1\n"
+    assert runs.edit_constants(source, {"DEPTH": "2**3"}) == \
+        "if a:\n    DEPTH = 2**3                # blocks\nelse:\n    DEPTH = 2**3\nDEPTHS = 1\n"
+    with pytest.raises(ValueError, match="no constant WIDTH"):
+        runs.edit_constants(source, {"WIDTH": "1"})
+    output = "---\nval_bpb: 9\nstep 5\n---\nval_bpb:          1.25\nnum_steps: 12\nnot a pair here\n"
+    assert runs.read_summary(output) == {"val_bpb": "1.25", "num_steps": "12"}
+    assert runs.read_summary("crashed\n") == {}
+    assert runs.parse_edits(["DEPTH=6", "WINDOW_PATTERN=\"L\""]) == {"DEPTH": "6", "WINDOW_PATTERN": '"L"'}
+    for bad in ("DEPTH", "DEPTH=", "2x=1"):
+        with pytest.raises(SystemExit, match="NAME=VALUE"):
+            runs.parse_edits([bad])
+    check = runs.at_least(2)
+    assert check("2") == 2
+    for bad in ("1", "x"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            check(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        runs.at_least(0.1, float)("nan")
+
+# ---------------------------------------------------------------------------
+# Bad arguments
+
+
+BAD_ARGUMENTS = [
+    ("gpu", ["--warmup", "0"], "--warmup: 0: must be at least 1"),
+    ("gpu", ["--steps", "0"], "--steps: 0: must be at least 1"),
+    ("gpu", ["--backends", "fa2"], "choose from"),
+    ("gpu", ["--memory-gb", "24GB"], "give sizes in GB"),
+    ("optimizers", ["--steps", "5"], "--steps: 5: must be at least 6"),
+    ("loader", ["--seconds", "0"], "--seconds: 0.0: must be at least 0.1"),
+    ("hub_load", ["--agents", "0"], "--agents: 0: must be at least 1"),
+    ("hub_load", ["--agents", "2", "--workers", "3"], "--workers 3: at most --agents (2)"),
+    ("hub_load", ["--rate", "-1"], "--rate: -1.0: must be at least 0"),
+    ("noise", ["--edit", "DEPTHS=2"], "no constant DEPTHS"),
+    ("noise", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("noise", ["--label", "a b"], "--label: letters"),
+    ("cpu_defaults", ["--only", "huge"], "unknown ['huge']"),
+    ("cpu_defaults", ["--seeds", "42,4x"], "comma-separated integers"),
+    ("cpu_defaults", ["--budget", "0"], "positive --budget"),
+    ("port_speed", ["--port", "missing.py", "--port-python", sys.executable], "must exist"),
+    ("port_speed", ["--port", __file__, "--port-python", sys.executable, "--rounds", "0"], "--rounds at least 1"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", BAD_ARGUMENTS, ids=[" ".join([s, *a]) for s, a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_stop_with_one_line(script, args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path)  # empty: a script that got past its checks stops here
+    with pytest.raises(SystemExit) as stop:
+        run_main(script, args, monkeypatch)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    last = err.strip().splitlines()[-1]  # after argparse's usage lines, one line says what is wrong
+    assert last.startswith(f"{script}.py: error: ") and message in last, err

@@ -1,0 +1,177 @@
+"""
+Mutation check, run on demand (not in CI: pytest collects only test_*.py). Each mutation replaces one piece of
+source text with a wrong version, the kind of bug the tests are meant to catch, and runs the tests named for it:
+they must fail. A mutation whose tests pass SURVIVED: the tests cannot see that bug.
+
+Works on a copy of the working tree (tracked and untracked files git does not ignore) in a temporary folder, never
+on the tree itself; one mutation at a time, the file restored after each. Before the mutations, each distinct test
+selection runs once unmutated and must pass, so a failure is the mutation's doing.
+
+    uv run tests/mutants.py --list              # the mutations, numbered
+    uv run tests/mutants.py                     # all of them (a long run: several tests train or prepare data)
+    uv run tests/mutants.py --only 7 --only 8   # some, by number or name
+    uv run tests/mutants.py --no-baseline       # skip the unmutated runs
+
+Exit status 1 when a mutation survived, or its text is no longer in the file (stale: update the list), or a
+baseline failed.
+"""
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# (name, file, text, mutated text, pytest arguments); the text must occur exactly once in the file
+MUTATIONS = [
+    # issue 14, items 1-7
+    ("split by Python's salted hash()", "prepare.py",
+     'h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")', "h = hash(key) % 2**64",
+     ["tests/test_prepare.py", "-k", "split"]),
+    ("time budget overrun", "train.py",
+     "if step > 10 and training_seconds >= TIME_BUDGET:", "if step > 10 and training_seconds >= 2 * TIME_BUDGET:",
+     ["tests/test_train_e2e.py", "-k", "short_run"]),
+    ("Newton-Muon never refreshed", "train.py",
+     'if MATRIX_OPTIMIZER == "newton_muon" and (step + 1) % NEWTON_REFRESH_STEPS == 0:',
+     'if False and MATRIX_OPTIMIZER == "newton_muon":',
+     ["tests/test_train_e2e.py", "-k", "newton"]),
+    ("Newton-Muon refreshed at the wrong interval", "train.py",
+     'if MATRIX_OPTIMIZER == "newton_muon" and (step + 1) % NEWTON_REFRESH_STEPS == 0:',
+     'if MATRIX_OPTIMIZER == "newton_muon" and (step + 1) % (NEWTON_REFRESH_STEPS + 1) == 0:',
+     ["tests/test_train_e2e.py", "-k", "newton"]),
+    ("precision probe always fp32", "train.py", "if bf16 < 0.8 * fp32:", "if False:",
+     ["tests/test_model.py", "-k", "probe"]),
+    ("precision probe boundary moved", "train.py", "if bf16 < 0.8 * fp32:", "if bf16 <= 0.8 * fp32:",
+     ["tests/test_model.py", "-k", "probe"]),
+    ("FLOPs: attention counted half", "train.py", "attention = sum(12 * self.config.n_head",
+     "attention = sum(6 * self.config.n_head", ["tests/test_model.py", "-k", "flops"]),
+    ("FLOPs: head counted forward only", "train.py", "return 6 * self.lm_head.weight.numel()",
+     "return 2 * self.lm_head.weight.numel()", ["tests/test_model.py", "-k", "flops"]),
+    ("bpb counts tokens of zero bytes", "prepare.py", "total_nats += (loss * (nbytes > 0)).sum().item()",
+     "total_nats += loss.sum().item()", ["tests/test_prepare.py", "-k", "bpb or golden"]),
+    ("eval rows one short", "prepare.py", "pack_rows(docs, 1, T), EVAL_TOKENS // T)",
+     "pack_rows(docs, 1, T), EVAL_TOKENS // T - 1)", ["tests/test_prepare.py", "-k", "eval_rows or golden"]),
+    ("gpu.py --warmup 0 accepted", "bench/gpu.py", 'parser.add_argument("--warmup", type=runs.at_least(1),',
+     'parser.add_argument("--warmup", type=int,', ["tests/test_bench.py", "-k", "bad_arguments"]),
+    ("optimizers.py --steps 5 accepted", "bench/optimizers.py", "type=runs.at_least(WARMUP_STEPS + 1)", "type=int",
+     ["tests/test_bench.py", "-k", "bad_arguments"]),
+    # the bench scripts' own logic
+    ("hub load unpaced", "bench/hub_load.py", "        if self.rate:\n", "        if False:\n",
+     ["tests/test_bench.py", "-k", "hub_load"]),
+    ("noise load test not alternating", "bench/noise.py",
+     'for _ in range(args.repeats) for group, busy in (("alone", False), ("busy", True))]',
+     'for group, busy in (("alone", False), ("busy", True)) for _ in range(args.repeats)]',
+     ["tests/test_bench.py", "-k", "noise_plan"]),
+    ("port speed times the compiling steps", "bench/port_speed.py", "if s > 10]", "if s >= 10]",
+     ["tests/test_bench.py", "-k", "port_speed or noise_bench"]),
+    ("summary read after the first ---", "bench/runs.py", 'lines[::-1].index("---")',
+     'len(lines) - 1 - lines.index("---")', ["tests/test_bench.py", "-k", "runs_helpers"]),
+    ("device check ignores extra arguments", "bench/device_check.sh", 'case "$*" in', 'case "${1:-}" in',
+     ["tests/test_bench.py", "-k", "device_check_parses"]),
+    ("more hub client threads than agents accepted", "bench/hub_load.py", "if args.workers > args.agents:",
+     "if False:", ["tests/test_bench.py", "-k", "bad_arguments"]),
+    ("a sweep candidate that is not what its name says", "bench/cpu_defaults.py", '"L-d6-b13": dict(W128, DEPTH="6"',
+     '"L-d6-b13": dict(W128, DEPTH="5"', ["tests/test_bench.py", "-k", "cpu_defaults"]),
+    ("optimizer table against AdamW with the sign flipped", "bench/optimizers.py", "{r['loss'] - adamw['loss']:+.4f}",
+     "{adamw['loss'] - r['loss']:+.4f}", ["tests/test_bench.py", "-k", "optimizers_bench"]),
+]
+
+
+def copy_tree(dest):
+    """The working tree's files as they are now: tracked, and untracked ones git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the tree is listed too
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def run_tests(tree, args, timeout):
+    """(passed, exit code, the output's tail); a run past `timeout` counts as failed (code None)."""
+    with subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args], cwd=tree,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:
+        try:
+            output = proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:  # a mutated loop may never end: stop the tests and what they started
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return False, None, f"timed out after {timeout} s"
+    return proc.returncode == 0, proc.returncode, output[-1500:]
+
+
+def run_mutation(tree, mutation, timeout):
+    """'killed', 'SURVIVED', 'stale' or 'no tests', and a line of detail."""
+    name, file, text, mutated, args = mutation
+    path = tree / file
+    original = path.read_text()
+    if original.count(text) != 1:
+        return "stale", f"{file} holds the text {original.count(text)} times, not once: {text!r}"
+    path.write_text(original.replace(text, mutated))
+    try:
+        passed, code, tail = run_tests(tree, args, timeout)
+    finally:
+        path.write_text(original)
+    if passed:
+        return "SURVIVED", f"pytest {shlex.join(args)} passed"
+    if code == 5:
+        return "no tests", f"pytest {shlex.join(args)} selected no test"
+    failures = [line for line in tail.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return "killed", failures[0] if failures else f"exit {code}: {tail[-300:]}"
+
+
+def selected(only):
+    if not only:
+        return list(enumerate(MUTATIONS, 1))
+    chosen = [(i, m) for i, m in enumerate(MUTATIONS, 1) if str(i) in only or m[0] in only]
+    unknown = set(only) - {str(i) for i, _ in chosen} - {m[0] for _, m in chosen}
+    if unknown:
+        raise SystemExit(f"--only {sorted(unknown)}: no such mutation; `--list` shows their numbers and names")
+    return chosen
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="print the mutations and exit")
+    parser.add_argument("--only", action="append", default=[], metavar="N|NAME", help="run this mutation (repeatable)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run before it counts as failed")
+    args = parser.parse_args()
+    todo = selected(args.only)
+    if args.list:
+        for i, (name, file, text, mutated, tests) in todo:
+            stale = "" if (REPO / file).read_text().count(text) == 1 else " (STALE: the text is not in the file once)"
+            print(f"{i:>2}. {name}{stale}: {file}: {text!r} -> {mutated!r}\n    pytest {shlex.join(tests)}")
+        return
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        print(f"copy of {REPO} in {tree}", flush=True)
+        if not args.no_baseline:
+            for tests in dict.fromkeys(tuple(m[4]) for _, m in todo):
+                passed, code, tail = run_tests(tree, tests, args.timeout)
+                print(f"baseline: pytest {shlex.join(tests)}: {'passed' if passed else 'FAILED'}", flush=True)
+                if not passed:
+                    print(tail)
+                    failed = True
+            if failed:
+                raise SystemExit("a baseline failed: fix the tests before reading mutations against them")
+        for i, mutation in todo:
+            t0 = time.time()
+            outcome, detail = run_mutation(tree, mutation, args.timeout)
+            failed |= outcome != "killed"
+            print(f"{i:>2}. {outcome:<8} {mutation[0]} ({time.time() - t0:.0f} s): {detail}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
