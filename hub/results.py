@@ -2,7 +2,8 @@
 
     commit:<hash> platform:<name> val_bpb:<value> vram_gb:<value> | <description>
 
-`---` for a value means the run crashed; DISCARD or CRASH in the description marks a run that was not kept."""
+`---` for a value means the run crashed, as does val_bpb 0 (results.tsv's crash row: its numbers are stored as null);
+DISCARD or CRASH in the description marks a run that was not kept."""
 
 import json
 import math
@@ -33,7 +34,9 @@ def parse_result(content: str) -> dict | None:
     except ValueError:
         return None
     description = description.strip()
-    if val_bpb is None or CRASH_RE.search(description):
+    if not val_bpb:  # `---`, or results.tsv's 0.000000 of a crash, which must not rank as the best run
+        status, val_bpb, vram_gb = "crash", None, None
+    elif CRASH_RE.search(description):
         status = "crash"
     elif DISCARD_RE.search(description):
         status = "discard"

@@ -16,7 +16,9 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -102,12 +104,14 @@ def git(repo: Path, *args: str) -> str:
 
 
 def make_repo(path: Path, seed: str) -> Path:
-    """A stand-in for a checkout of this project: the files program-hub.md commits, one upstream commit."""
+    """A stand-in for a checkout of this project: its .gitignore, stand-ins for its other files, one upstream commit."""
     path.mkdir(parents=True)
     git(path, "init", "--quiet", "-b", "main")
-    for name in ("prepare.py", "pyproject.toml", "uv.lock", ".python-version", "program.md", "program-hub.md"):
+    for name in ("prepare.py", "pyproject.toml", "uv.lock", ".python-version", "program.md", "program-hub.md",
+                 "README.md"):
         (path / name).write_text(f"{name} of {seed}\n")
     (path / "train.py").write_text(f"# {seed}\nlr = 1.0\n")
+    shutil.copy(ROOT / ".gitignore", path / ".gitignore")
     git(path, "add", ".")
     git(path, "commit", "--quiet", "-m", f"upstream history of {seed}")
     return path
@@ -133,7 +137,7 @@ def program_blocks() -> dict[str, str]:
 
 
 def run_blocks(hub: HubServer, home: Path, repo: Path, names: list[str], check: bool = True, **env: str) -> str:
-    """Run program-hub.md's blocks as written, in this order and in one bash, as the agent whose home is `home`
+    """Run program-hub.md's blocks as written, in this order and in one bash, in the checkout `repo` with HOME `home`
     ('register once' loads the key of an agent that is registered already); check: the script must succeed."""
     blocks = program_blocks()
     script = "\n".join(blocks[name] for name in names)
@@ -143,12 +147,46 @@ def run_blocks(hub: HubServer, home: Path, repo: Path, names: list[str], check: 
     return result.stdout
 
 
-def write_run_log(repo: Path, val_bpb: float, dataset: str = "stdlib", profile: str = "cpu") -> None:
-    """The tail of a finished train.py run, as program.md greps it."""
-    (repo / "run.log").write_text(
-        f"device:    cpu (test cpu, 2 threads)\nprofile:   {profile} (forced), dataset {dataset}\nstep 100\n---\n"
-        f"val_bpb:          {val_bpb:.6f}\npeak_vram_mb:     2048.0\ndevice:           cpu\n"
-        f"profile:          {profile}\ndataset:          {dataset}\n")
+def startup_lines(dataset: str, profile: str) -> str:
+    """The start-up line naming profile and dataset, rendered from train.py's own print call."""
+    call = re.search(r'^    print\((f"profile: .*)\)$', (ROOT / "train.py").read_text(), re.M)[1]
+    names = {"PROFILE": profile, "PROFILE_REASON": "no CUDA device, no AMX", "dataset": dataset, "MAX_SEQ_LEN": 256}
+    return f"device:    cpu (test cpu, 2 threads)\n{eval(call, names)}\n"
+
+
+def write_run_log(repo: Path, val_bpb: float | None, dataset: str = "stdlib", profile: str = "cpu") -> None:
+    """run.log of a finished train.py run, or of a run that crashed after its start-up lines (val_bpb None)."""
+    tail = (f"step 100\n---\nval_bpb:          {val_bpb:.6f}\npeak_vram_mb:     2048.0\ndevice:           cpu\n"
+            f"profile:          {profile}\ndataset:          {dataset}\n") if val_bpb else "torch.OutOfMemoryError\n"
+    (repo / "run.log").write_text(startup_lines(dataset, profile) + tail)
+
+
+def log_row(repo: Path, val_bpb: str, memory_gb: str, status: str, description: str, commit: str = "HEAD") -> None:
+    """A row of results.tsv as program.md logs it (the header first, once)."""
+    tsv = repo / "results.tsv"
+    if not tsv.exists():
+        tsv.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    with open(tsv, "a") as f:
+        f.write(f"{git(repo, 'rev-parse', '--short', commit)}\t{val_bpb}\t{memory_gb}\t{status}\t{description}\n")
+
+
+def agent_of(hub: HubServer, repo: Path) -> "Agent":
+    """The agent whose key program-hub.md saved in this checkout."""
+    creds = dict(re.findall(r'export (\w+)="(.*)"', (repo / ".agenthub" / "creds").read_text()))
+    return Agent(hub, creds["AGENT_ID"], creds["HUB_KEY"])
+
+
+def written_since(folder: Path, since_ns: int, marks: list[str]) -> list[Path]:
+    """Files directly in `folder` changed since `since_ns` that hold one of `marks` (a hash, a key, a name)."""
+    found = []
+    for path in folder.iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime_ns >= since_ns:
+                head = path.read_bytes()[:65536]
+                found += [path] if any(m.encode() in head for m in marks) else []
+        except OSError:  # another user's file, or one that vanished
+            pass
+    return found
 
 
 def hub_state(data: Path) -> dict:
@@ -181,38 +219,55 @@ def mallory(hub):
 # The loop, as program-hub.md writes it
 
 
+def hub_sections(out: str) -> dict[str, list[str]]:
+    """The read-the-hub block's output: the lines under each '== heading', by the heading's first word."""
+    return {name.rstrip(","): body.splitlines() for name, body in re.findall(r"^== (\S+).*\n((?:.+\n)*)", out, re.M)}
+
+
 @needs_curl
 def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     repo_a, repo_b = make_repo(tmp_path / "a", "alpha"), make_repo(tmp_path / "b", "beta")
-    home_a, home_b = tmp_path / "home-a", tmp_path / "home-b"
-    home_a.mkdir(), home_b.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
 
-    # agent A: register, channels, orphan baseline, run, post, push
-    address = run_blocks(hub, home_a, repo_a, ["the hub's address", "register once", "channels", "orphan baseline"],
+    # agent A: register, channels, an orphan baseline of the whole checkout, run, log, post, push
+    address = run_blocks(hub, home, repo_a, ["the hub's address", "register once", "channels", "orphan baseline"],
                          AGENT_NAME="alpha")
-    assert '"ok":true' in address
-    assert "HUB_KEY" in (home_a / ".agenthub_creds").read_text()
+    assert '"ok":true' in address and "agent alpha\n" in address
     assert git(repo_a, "rev-list", "--count", "HEAD") == "1"  # orphan: none of the upstream history
+    assert git(repo_a, "ls-tree", "--name-only", "HEAD") == git(repo_a, "ls-tree", "--name-only", "main")
     write_run_log(repo_a, 1.1)
-    out = run_blocks(hub, home_a, repo_a, ["register once", "read the result", "post the result", "push"],
-                     PLATFORM="cpu-test", DESC="baseline")
+    log_row(repo_a, "1.100000", "2.0", "keep", "baseline")
+    assert git(repo_a, "status", "--porcelain") == ""  # run.log, results.tsv and .agenthub/ are ignored by rule
+    out = run_blocks(hub, home, repo_a, ["register once", "read the result", "post the result", "push"],
+                     PLATFORM="cpu-test")
     baseline = git(repo_a, "rev-parse", "HEAD")
     assert f'"added":["{baseline}"]' in out
+    for dataset, profile in (("climbmix", "cpu"), ("stdlib", "cpu-bf16")):  # runs the table must keep apart
+        write_run_log(repo_a, 0.9, dataset, profile)
+        log_row(repo_a, "0.900000", "2.0", "discard", f"baseline on {dataset} {profile}")
+        run_blocks(hub, home, repo_a, ["register once", "read the result", "post the result"], PLATFORM="cpu-test")
 
     # agent B, in an unrelated repository: fetch A's baseline by its 7-character hash, improve it, post, push
     short = baseline[:7]
-    run_blocks(hub, home_b, repo_b, ["register once", "channels", "build on another commit"], AGENT_NAME="beta",
+    run_blocks(hub, home, repo_b, ["register once", "channels", "build on another commit"], AGENT_NAME="beta",
                HASH=short)
     assert git(repo_b, "rev-parse", "HEAD") == baseline
     improved = commit_change(repo_b, "lr = 0.5\n", "halve the learning rate")
     write_run_log(repo_b, 1.05)
-    out = run_blocks(hub, home_b, repo_b,
+    log_row(repo_b, "1.050000", "2.0", "keep", "halve the learning rate")
+    out = run_blocks(hub, home, repo_b,
                      ["register once", "read the result", "post the result", "push", "read the hub"],
-                     PLATFORM="cpu-test", DESC="halve the learning rate")
+                     PLATFORM="cpu-test")
     assert f'"added":["{improved}"]' in out
-    assert '"status":"keep"' in out  # the read-the-hub block's results table
+    seen = hub_sections(out)
+    assert list(seen) == ["results", "#results", "#discussion", "leaves"]
+    assert seen["results"] == [f"1.05 keep {improved[:7]} beta: halve the learning rate",
+                               f"1.1 keep {short} alpha: baseline"]  # stdlib on cpu only
+    assert any(line.endswith("| DISCARD: baseline on climbmix cpu") for line in seen["#results"])
+    assert f"{improved[:7]} depth 1 beta: halve the learning rate" in seen["leaves"]
 
-    beta = Agent(hub, "beta", (home_b / ".agenthub_creds").read_text().split('"')[1])
+    beta = agent_of(hub, repo_b)
     assert [c["hash"] for c in beta.get(f"/api/git/commits/{short}/children").json()] == [improved]
     leaves = {c["hash"]: c for c in beta.get("/api/git/leaves").json()}
     assert improved in leaves and baseline not in leaves
@@ -229,7 +284,7 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     assert newest_first.index(improved) < newest_first.index(baseline)
     assert len(beta.get("/api/git/commits", params={"limit": 1}).json()) == 1
 
-    results = beta.get("/api/results", params={"platform": "cpu-test"}).json()
+    results = beta.get("/api/results", params={"platform": "cpu-test", "dataset": "stdlib", "profile": "cpu"}).json()
     assert [(r["val_bpb"], r["commit"], r["dataset"], r["profile"]) for r in results] == [
         (1.05, improved[:7], "stdlib", "cpu"), (1.1, short, "stdlib", "cpu")]
     assert results[0]["vram_gb"] == 2.0
@@ -238,26 +293,61 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     again = requests.post(hub.url + "/api/git/push", data=bundle(repo_b),
                           headers={"Authorization": beta.http.headers["Authorization"]})
     assert again.json() == {"added": []}
-    run_blocks(hub, home_a, repo_a, ["register once", "build on another commit"], HASH=improved[:7])
+    run_blocks(hub, home, repo_a, ["register once", "build on another commit"], HASH=improved[:7])
     assert git(repo_a, "rev-parse", "HEAD") == improved
     assert "lr = 0.5" in (repo_a / "train.py").read_text()
 
 
 @needs_curl
-def test_a_crash_and_a_discard_are_posted_but_not_kept(hub, tmp_path):
+def test_crashes_and_a_discard_are_posted_as_program_md_logs_them(hub, tmp_path):
     repo, home = make_repo(tmp_path / "c", "gamma"), tmp_path / "home"
     home.mkdir()
     run_blocks(hub, home, repo, ["register once", "channels", "orphan baseline"], AGENT_NAME="gamma")
-    (repo / "run.log").write_text("Traceback: out of memory\n")
-    run_blocks(hub, home, repo, ["register once", "read the result", "post the result"], PLATFORM="gamma-gpu",
-               DESC="double the width (CRASH: out of memory)")
+    post = ["register once", "read the result", "post the result"]
+
+    # a crash fixed by amend: no row for the crash, and a row under the hash from before the amend is refused
+    typo = commit_change(repo, "lr = 2.0,\n", "double the learning rate")
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace("2.0,", "2.0"))
+    git(repo, "commit", "--quiet", "--amend", "--no-edit", "-a")
+    write_run_log(repo, 1.2)
+    log_row(repo, "1.200000", "2.0", "keep", "double the learning rate", commit=typo)
+    assert "not HEAD: log this run first" in run_blocks(hub, home, repo, post, PLATFORM="gamma-gpu")
+    log_row(repo, "1.200000", "2.0", "keep", "double the learning rate")
+    run_blocks(hub, home, repo, post, PLATFORM="gamma-gpu")
+    amended = git(repo, "rev-parse", "--short", "HEAD")
+
+    # crashes given up on: one out of memory after the start-up lines, one before them (prepare.py names the
+    # dataset and profile then; `uv run python` is this interpreter, prepare.py a stand-in)
+    wide = commit_change(repo, "width = 2\n", "double the width")
+    write_run_log(repo, None)
+    log_row(repo, "0.000000", "0.0", "crash", "double the width (out of memory)")
+    run_blocks(hub, home, repo, post, PLATFORM="gamma-gpu")
+    git(repo, "reset", "--quiet", "--hard", "HEAD~1")
+    lacking = commit_change(repo, "import flash_attn\n", "use flash_attn")
+    (repo / "run.log").write_text("ModuleNotFoundError: No module named 'flash_attn'\n")
+    (repo / "prepare.py").write_text("PROFILE = 'cpu-bf16'\ndef dataset_label(): return 'stdlib-py3.12.0-0badcafe'\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "uv").write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} "$@"\n')  # drops `run python`
+    (tmp_path / "bin" / "uv").chmod(0o755)
+    log_row(repo, "0.000000", "0.0", "crash", "use flash_attn (not installed)")
+    run_blocks(hub, home, repo, post, PLATFORM="gamma-gpu", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    git(repo, "reset", "--quiet", "--hard", "HEAD~1")
+
+    swiglu = commit_change(repo, "mlp = 'swiglu'\n", "swiglu")
     write_run_log(repo, 1.3)
-    run_blocks(hub, home, repo, ["register once", "read the result", "post the result", "discuss"],
-               PLATFORM="gamma-gpu", DESC="swiglu DISCARD", MSG="**wider** is out of memory at 2 GB")
-    gamma = Agent(hub, "gamma", (home / ".agenthub_creds").read_text().split('"')[1])
+    log_row(repo, "1.300000", "2.0", "discard", "swiglu")
+    out = run_blocks(hub, home, repo, [*post, "discuss", "discuss"], check=False, PLATFORM="gamma-gpu",
+                     MSG="**wider** is out of memory at 2 GB")
+    assert out.count('"channel":"discussion"') == 1  # the block unsets MSG: running it again posts nothing
+    gamma = agent_of(hub, repo)
     results = gamma.get("/api/results", params={"platform": "gamma-gpu"}).json()
-    assert [(r["status"], r["val_bpb"], r["vram_gb"]) for r in results] == [("discard", 1.3, 2.0),
-                                                                             ("crash", None, None)]
+    assert [(r["status"], r["val_bpb"], r["vram_gb"], r["commit"], r["dataset"], r["profile"], r["description"])
+            for r in results] == [
+        ("keep", 1.2, 2.0, amended, "stdlib", "cpu", "double the learning rate"),
+        ("discard", 1.3, 2.0, swiglu[:7], "stdlib", "cpu", "DISCARD: swiglu"),
+        ("crash", None, None, wide[:7], "stdlib", "cpu", "CRASH: double the width (out of memory)"),
+        ("crash", None, None, lacking[:7], "stdlib-py3.12.0-0badcafe", "cpu-bf16",
+         "CRASH: use flash_attn (not installed)")]
     posts = gamma.get("/api/channels/discussion/posts", params={"limit": 1}).json()
     assert posts[0]["content"] == "**wider** is out of memory at 2 GB" and posts[0]["agent_id"] == "gamma"
 
@@ -270,13 +360,74 @@ def test_a_crash_and_a_discard_are_posted_but_not_kept(hub, tmp_path):
 
 
 @needs_curl
-def test_a_taken_name_saves_no_key_and_another_name_registers(hub, mallory, tmp_path):
+def test_a_taken_name_saves_no_key_and_the_default_name_is_unique(hub, mallory, tmp_path):
     repo, home = make_repo(tmp_path / "t", "taken"), tmp_path / "home"
     home.mkdir()
     out = run_blocks(hub, home, repo, ["register once"], check=False, AGENT_NAME="mallory")
-    assert "is taken" in out and not (home / ".agenthub_creds").exists()
-    run_blocks(hub, home, repo, ["register once"], AGENT_NAME="mallory-2")
-    assert 'AGENT_ID="mallory-2"' in (home / ".agenthub_creds").read_text()
+    assert "is taken" in out and not (repo / ".agenthub" / "creds").exists()
+    out = run_blocks(hub, home, repo, ["register once"])  # no AGENT_NAME: the host name and a random suffix
+    name = agent_of(hub, repo).name
+    assert re.fullmatch(re.escape(socket.gethostname().split(".")[0][:40]) + "-[0-9a-f]{6}", name)
+    assert out == f"agent {name}\n"  # never the key
+    assert run_blocks(hub, home, repo, ["register once"]) == out  # a restart keeps the name
+    assert agent_of(hub, repo).get("/api/git/leaves").status_code == 200
+
+
+@needs_curl
+def test_two_agents_on_one_machine_keep_to_their_own_checkouts(hub, tmp_path):
+    """Two worktrees of one clone, one HOME, one host name: setup and a loop at once. Each agent writes only in its
+    own checkout (nothing in HOME, nothing of theirs directly in /tmp), under its own name, and both posts land."""
+    home, clone = tmp_path / "home", make_repo(tmp_path / "clone", "shared")
+    home.mkdir()
+    repos = [tmp_path / "one", tmp_path / "two"]
+    for repo in repos:
+        git(clone, "worktree", "add", "--quiet", "--detach", str(repo))
+    since = time.time_ns() - 10**9  # file times may lag the clock by a tick
+
+    def at_once(names: list[str], **env: str) -> list[str]:
+        with ThreadPoolExecutor(len(repos)) as pool:
+            return list(pool.map(lambda repo: run_blocks(hub, home, repo, names, **env), repos))
+
+    at_once(["the hub's address", "register once", "channels", "orphan baseline"])
+    for i, repo in enumerate(repos):
+        commit_change(repo, f"lr = 0.{i + 5}\n", f"learning rate 0.{i + 5}")
+        write_run_log(repo, 1.0 + i / 100)
+        log_row(repo, f"{1.0 + i / 100:.6f}", "2.0", "keep", f"learning rate 0.{i + 5}")
+    outs = at_once(["register once", "read the result", "post the result", "push", "read the hub"],
+                   PLATFORM="cpu-pair")
+
+    agents, heads = [agent_of(hub, repo) for repo in repos], [git(repo, "rev-parse", "HEAD") for repo in repos]
+    assert agents[0].name != agents[1].name and agents[0].key != agents[1].key
+    results = agents[0].get("/api/results", params={"platform": "cpu-pair"}).json()
+    assert [(r["agent_id"], r["commit"]) for r in results] == [(a.name, h[:7]) for a, h in zip(agents, heads)]
+    assert set(heads) <= {c["hash"] for c in agents[0].get("/api/git/leaves").json()}
+    for repo, head, out in zip(repos, heads, outs):
+        assert head in out  # its push answer lists its commit
+        assert sorted(p.name for p in (repo / ".agenthub").iterdir()) == ["creds", "post.json", "push.bundle"]
+        assert head[:7] in (repo / ".agenthub" / "post.json").read_text()
+        assert git(repo, "status", "--porcelain") == ""
+    assert list(home.iterdir()) == []
+    marks = [h[:7] for h in heads] + [a.key for a in agents] + [a.name for a in agents]
+    for shared in {Path("/tmp"), Path(tempfile.gettempdir())}:
+        assert written_since(shared, since, marks) == []
+
+
+def test_results_filter_by_platform_dataset_and_profile(hub, mallory):
+    assert mallory.post("/api/channels", json={"name": "results", "description": ""}).status_code in (201, 409)
+    runs = [("filter-a", "stdlib", "cpu", 1.5), ("filter-a", "climbmix", "cpu", 1.2),
+            ("filter-a", "stdlib", "gpu", 1.0), ("filter-b", "stdlib", "cpu", 0.9)]
+    for i, (platform, dataset, profile, val_bpb) in enumerate(runs):
+        content = f"commit:abcd00{i} platform:{platform} val_bpb:{val_bpb} dataset:{dataset} profile:{profile} | {i}"
+        assert mallory.post("/api/channels/results/posts", json={"content": content}).status_code == 201
+
+    def table(**filters: str) -> list[float]:
+        return [r["val_bpb"] for r in mallory.get("/api/results", params=filters).json()]
+
+    assert table(platform="filter-a") == [1.0, 1.2, 1.5]
+    assert table(platform="filter-a", dataset="stdlib") == [1.0, 1.5]
+    assert table(platform="filter-a", profile="cpu") == [1.2, 1.5]
+    assert table(platform="filter-a", dataset="stdlib", profile="cpu") == [1.5]
+    assert table(platform="filter-a", dataset="wikitext") == []
 
 
 def test_posts_page_back_with_before(hub, mallory):

@@ -31,6 +31,8 @@ EVIL = ('<script>document.title="pwned"</script><img src=x onerror="document.tit
     ("commit:c3d4e5f platform:A100 val_bpb:--- vram_gb:--- | double the width (CRASH: OOM)",
      {"val_bpb": None, "vram_gb": None, "status": "crash"}),
     ("commit:c3d4e5f platform:A100 val_bpb:1.2 vram_gb:30 | CRASH after eval", {"status": "crash"}),
+    ("commit:c3d4e5f platform:A100 val_bpb:0.000000 vram_gb:0.0 dataset:stdlib | CRASH: OOM",  # results.tsv's crash
+     {"val_bpb": None, "vram_gb": None, "status": "crash", "dataset": "stdlib"}),
     ("commit:c3d4e5f platform:A100 val_bpb:1.2\n\nmore *markdown* below", {"description": "", "status": "keep"}),
 ])
 def test_results_posts_parse(content, expected):
