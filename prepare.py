@@ -16,6 +16,7 @@ import argparse
 import bisect
 import errno
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -464,7 +465,9 @@ def train_tokenizer(shard_paths, tokenizer_dir, vocab_size=VOCAB_SIZE):
     special = {enc.encode_single_token(s) for s in SPECIAL_TOKENS}
     token_bytes = torch.tensor([0 if i in special else len(enc.decode_single_token_bytes(i))
                                 for i in range(enc.n_vocab)], dtype=torch.int32)
-    write_atomic(tb, lambda tmp: torch.save(token_bytes, tmp))
+    saved = io.BytesIO()
+    torch.save(token_bytes, saved)  # to memory, then bytes to disk: torch.save to a path hides a full disk's ENOSPC
+    write_atomic(tb, lambda tmp: tmp.write_bytes(saved.getvalue()))
     write_json(tokenizer_dir / "trained_on.json", seen)
     write_atomic(pkl, lambda tmp: tmp.write_bytes(pickle.dumps(enc)))  # written last: marks the pair complete
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s")

@@ -53,8 +53,10 @@ def run_one(seed, busy, args, log):
     if "val_bpb" not in summary:
         raise SystemExit(f"run with SEED {seed} crashed; its output is in {log}:\n{output[-2000:]}")
     precision = re.search(r"^precision: (.*)$", output, re.M)
+    overhead = re.search(r"compilation included\): ([\d.]+)s, evaluation: ([\d.]+)s", output)
     return dict(seed=seed, busy=busy, val_bpb=float(summary["val_bpb"]), num_steps=int(summary["num_steps"]),
                 training_seconds=float(summary["training_seconds"]), wall_seconds=round(wall, 1),
+                startup_seconds=float(overhead.group(1)), eval_seconds=float(overhead.group(2)),
                 precision=precision.group(1) if precision else None, summary=summary)
 
 

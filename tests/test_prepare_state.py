@@ -222,3 +222,10 @@ def test_full_disk_during_tokenization_leaves_no_partial_file(built, full_disk, 
     assert str(e.value).startswith(f"no space left on device under {tmp_path / 'tokens'}: ")
     assert full_disk.written == full_disk.room  # the token file was half-written when the disk filled
     assert list((tmp_path / "tokens").iterdir()) == []
+
+
+def test_full_disk_while_saving_the_tokenizer_leaves_no_partial_file(built, full_disk, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        prepare.train_tokenizer([built / "shards" / "shard_00000.parquet"], tmp_path / "tokenizer")
+    assert str(e.value).startswith(f"no space left on device under {tmp_path / 'tokenizer'}: ")
+    assert list((tmp_path / "tokenizer").iterdir()) == []
