@@ -2,7 +2,8 @@
 The hub: many autoresearch agents on many machines share commits and results through one server.
 
     uv run hub.py --data hub-data                                  # http://127.0.0.1:8765
-    uv run hub.py --data hub-data --host 0.0.0.0 --admin-key KEY   # a closed hub for a lab
+    HUB_ADMIN_KEY=KEY uv run hub.py --data hub-data --host 0.0.0.0 # a closed hub for a lab (the key kept out of ps)
+    uv run hub.py --data hub-data --revoke alice                   # alice's key stops working, even while serving
 
 It speaks the agenthub edition's API, so the loop in program-hub.md works unchanged. Everything lives under
 --data: hub.db (SQLite in WAL mode) indexes agents, commits, channels, posts and results; repo.git (bare) holds
@@ -13,14 +14,19 @@ gitrepo.py, store.py (SQLite), results.py (#results posts), dashboard.py.
 
 import argparse
 import os
+import re
+import socket
+import sys
 from pathlib import Path
 
 import uvicorn
 
-from hub.api import app
+from hub.api import TimedH11Protocol, app
 from hub.core import Config, Hub
+from hub.store import Store, revoke_key
 
 DEFAULT_PORT = 8765
+MAX_CONNECTIONS = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,18 +41,83 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-posts-per-hour", type=int, default=Config.max_posts_per_hour, help="per agent")
     p.add_argument("--max-registrations-per-hour", type=int, default=Config.max_registrations_per_hour,
                    help="per client address, while registration is open")
+    p.add_argument("--max-new-agents-per-hour", type=int, default=Config.max_new_agents_per_hour,
+                   help="from all addresses together, while registration is open")
+    p.add_argument("--max-uploads-per-agent", type=int, default=Config.max_uploads_per_agent,
+                   help="pushes one agent may be sending at once")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="beyond it, new requests get 503")
+    p.add_argument("--read-timeout", type=float, default=Config.read_timeout,
+                   help="seconds before a stalled request header or body is dropped")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name clients use for this hub besides loopback, --host and this machine's names")
+    p.add_argument("--trusted-proxy", metavar="ADDRESS",
+                   help="the reverse proxy whose X-Forwarded-For to believe; unset: none is")
+    p.add_argument("--max-object-mb", type=float, default=Config.max_object_mb, help="one git object, expanded")
+    p.add_argument("--max-push-mb", type=float, default=Config.max_push_mb, help="one push's objects, expanded")
+    p.add_argument("--max-commits-per-push", type=int, default=Config.max_commits_per_push, help="new commits")
+    p.add_argument("--max-message-kb", type=float, default=Config.max_message_kb, help="one commit message")
+    p.add_argument("--max-diff-kb", type=float, default=Config.max_diff_kb, help="a longer diff is cut here")
+    p.add_argument("--allowed-paths", nargs="+", default=Config.allowed_paths,
+                   help="the files a push may change; every other file must match the baseline's")
+    p.add_argument("--baseline", type=full_hash, help="the commit (full hash) whose files pushes must keep "
+                   "outside --allowed-paths; default: the first commit the hub accepted")
     p.add_argument("--log-level", default="info", help="uvicorn's log level; 'warning' hides the access log")
+    p.add_argument("--revoke", metavar="AGENT", help="revoke this agent's key in --data and exit (the hub may be "
+                   "running: the key stops working at once; its commits and posts stay)")
     return p.parse_args(argv)
+
+
+def revoke(data: Path, agent_id: str) -> None:
+    if not (data / "hub.db").exists():
+        sys.exit(f"hub: no hub.db in {data}: give the --data folder of the hub")
+    if not revoke_key(Store(data / "hub.db"), agent_id):
+        sys.exit(f"hub: no agent {agent_id!r} in {data / 'hub.db'} (ids are case-sensitive here)")
+    print(f"hub: revoked the key of agent {agent_id}", flush=True)
+
+
+def full_hash(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{40}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a full commit hash: give all 40 hex characters")
+    return text
+
+
+def served_names(host: str, extra: list[str]) -> tuple[str, ...]:
+    """The Host names to answer: --host, and for a wildcard address this machine's names and addresses."""
+    names = [host, *extra]
+    if host in ("0.0.0.0", "::", ""):
+        machine = socket.gethostname()
+        names += [machine, socket.getfqdn(), *machine_addresses(machine)]
+    return tuple(dict.fromkeys(name.lower() for name in names))
+
+
+def machine_addresses(machine: str) -> list[str]:
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(machine, None)]
+    except OSError:  # a name that does not resolve: clients then use --allowed-host
+        return []
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.revoke:
+        revoke(args.data, args.revoke)
+        return
     config = Config(args.data, args.admin_key, args.max_bundle_mb, args.max_pushes_per_hour,
-                    args.max_posts_per_hour, args.max_registrations_per_hour)
+                    args.max_posts_per_hour, args.max_registrations_per_hour, max_object_mb=args.max_object_mb,
+                    max_push_mb=args.max_push_mb, max_commits_per_push=args.max_commits_per_push,
+                    max_message_kb=args.max_message_kb, max_diff_kb=args.max_diff_kb,
+                    allowed_paths=tuple(args.allowed_paths), baseline=args.baseline,
+                    max_new_agents_per_hour=args.max_new_agents_per_hour,
+                    max_uploads_per_agent=args.max_uploads_per_agent, read_timeout=args.read_timeout,
+                    allowed_hosts=served_names(args.host, args.allowed_host))
     app.state.hub = Hub(config)  # opens the index and the repository and recovers from any kill before serving
     access = "closed (admin key)" if config.admin_key else f"open ({config.max_registrations_per_hour}/hour/address)"
     print(f"hub: data {config.data.resolve()}, registration {access}, http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"hub: answers to Host {', '.join(config.allowed_hosts)} and loopback", flush=True)
+    TimedH11Protocol.read_timeout = config.read_timeout
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=TimedH11Protocol,
+                limit_concurrency=args.max_connections, proxy_headers=args.trusted_proxy is not None,
+                forwarded_allow_ips=args.trusted_proxy)
 
 
 if __name__ == "__main__":

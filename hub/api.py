@@ -1,8 +1,10 @@
 """The HTTP API, exactly as the agenthub edition's agents call it, plus /api/results and the dashboard at /.
 
-Handlers are async and read SQLite directly on the event loop (sub-millisecond). Writes wait for an fsync and git
-runs for tens of milliseconds, so both go to worker threads and never hold up the other requests."""
+Handlers are async and read SQLite directly on the event loop (sub-millisecond). Writes wait for an fsync, git
+runs for tens of milliseconds and the dashboard reads many rows, so these go to worker threads and never hold up the
+other requests."""
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -10,14 +12,17 @@ import os
 import re
 import secrets
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from hub.core import Hub, HubError
+from hub.core import Config, Hub, HubError, disk_full
 from hub.dashboard import render_dashboard
 from hub.store import (COMMIT_COLUMNS, commit_json, insert_agent, insert_channel, insert_post, list_children,
                        list_commits, list_leaves, list_posts, list_results)
@@ -26,17 +31,33 @@ MAX_POST_BYTES = 64 * 1024          # one post's content, UTF-8
 MAX_JSON_BYTES = 512 * 1024         # one JSON request body: a full post survives JSON escaping
 DEFAULT_LIMIT = 50                  # rows a list call returns unless ?limit= says otherwise
 MAX_LIMIT = 500                     # the most rows one list call returns
+MAX_LIST_BYTES = 4 * 1024 * 1024    # one list answer: the rows past it are left off (page on with ?before=)
+DASHBOARD_SECONDS = 2.0             # how long one rendering of GET / is served
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+DIGITS_RE = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit and int() also take '²' and '٣'
 AGENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHANNEL_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 # ---------------------------------------------------------------------------
 # Request helpers
 
-app = FastAPI(title="autoresearch hub", docs_url=None, redoc_url=None, openapi_url=None)
-
 
 def the_hub(request: Request) -> Hub:
     return request.app.state.hub
+
+
+def check_host(request: Request) -> None:
+    """A web page that rebinds its own domain to this address sends that domain as Host: refuse it."""
+    name = re.sub(r":[0-9]*$", "", request.headers.get("host", "")).strip("[]").lower()
+    if name not in LOOPBACK_HOSTS and name not in the_hub(request).config.allowed_hosts:
+        raise HubError(400, f"Host {name[:80]!r} is not a name this hub serves: start it with --allowed-host NAME")
+
+
+app = FastAPI(title="autoresearch hub", docs_url=None, redoc_url=None, openapi_url=None,
+              dependencies=[Depends(check_host)])
+uploading = Counter()               # pushes each agent is sending or waiting on now
+page_lock = asyncio.Lock()          # one dashboard rendering at a time; requests meanwhile share it
+page_cache = {"at": float("-inf"), "page": ""}
 
 
 def hash_key(api_key: str) -> str:
@@ -61,14 +82,28 @@ def authenticate(request: Request) -> str:
 
 def check_body_size(request: Request, limit: int, what: str) -> None:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if DIGITS_RE.fullmatch(declared) and int(declared) > limit:
         raise HubError(413, f"{what} is {int(declared)} bytes; the limit is {limit}")
+
+
+async def body_chunks(request: Request):
+    """The body as it arrives; a client that stalls for --read-timeout seconds gets 408 and is dropped."""
+    chunks, timeout = request.stream(), the_hub(request).config.read_timeout
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise HubError(408, f"request body stalled for {timeout:g} s: send it all at once") from None
+        yield chunk
 
 
 async def read_body(request: Request, limit: int, what: str) -> bytes:
     check_body_size(request, limit, what)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request):
         body += chunk
         if len(body) > limit:
             raise HubError(413, f"{what} is over the limit of {limit} bytes")
@@ -82,7 +117,7 @@ async def receive_to_file(request: Request, folder: Path, limit: int) -> Path:
     size = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            async for chunk in request.stream():
+            async for chunk in body_chunks(request):
                 size += len(chunk)
                 if size > limit:
                     raise HubError(413, f"bundle is over the limit of {limit} bytes (--max-bundle-mb)")
@@ -96,11 +131,17 @@ async def receive_to_file(request: Request, folder: Path, limit: int) -> Path:
 
 
 async def read_json(request: Request) -> dict:
+    check_body_size(request, MAX_JSON_BYTES, "request body")
+    # a form or a text/plain body is what a web page may send without asking: it is never taken for JSON
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+        raise HubError(415, "send JSON with the header 'Content-Type: application/json'")
     body = await read_body(request, MAX_JSON_BYTES, "request body")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise HubError(400, "body is not valid JSON") from None
+    except RecursionError:
+        raise HubError(400, "body is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise HubError(400, "body must be a JSON object")
     return data
@@ -111,6 +152,10 @@ def string_field(data: dict, name: str, required: bool = True) -> str:
     if not isinstance(value, str):
         raise HubError(400, f"field {name!r} is required and must be a string" if required
                        else f"field {name!r} must be a string")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # JSON's "\ud800" escape decodes to a lone surrogate, which UTF-8 cannot hold
+        raise HubError(400, f"field {name!r} has a lone surrogate: send text as valid UTF-8 or UTF-16 pairs") from None
     return value
 
 
@@ -118,7 +163,7 @@ def int_param(request: Request, name: str, default: int | None, low: int = 1, hi
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not DIGITS_RE.fullmatch(text) or not low <= int(text) <= high:
         raise HubError(400, f"?{name}= must be a whole number from {low} to {high}")
     return int(text)
 
@@ -127,6 +172,18 @@ def existing_channel(request: Request, name: str) -> str:
     if the_hub(request).store.row("SELECT 1 FROM channels WHERE name = ?", (name,)) is None:
         raise HubError(404, f"unknown channel {name[:40]!r}: create it with POST /api/channels")
     return name
+
+
+def json_list(rows: list[dict]) -> Response:
+    """The rows that fit in MAX_LIST_BYTES: escaping can make a row six times its stored size."""
+    parts, size = [], 2
+    for row in rows:
+        part = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+        size += len(part.encode()) + 1
+        if size > MAX_LIST_BYTES:
+            break
+        parts.append(part)
+    return Response("[" + ",".join(parts) + "]", media_type="application/json")
 
 
 @app.exception_handler(HubError)
@@ -143,6 +200,8 @@ async def http_error(request: Request, e: StarletteHTTPException):
 @app.exception_handler(Exception)
 async def server_error(request: Request, e: Exception):
     # the hub's own fault (git or the disk failed): JSON like every other error, and no internals; uvicorn logs it
+    if disk_full(e):
+        return JSONResponse({"error": "the hub's disk is full: nothing was stored; try again later"}, status_code=507)
     return JSONResponse({"error": f"internal error in the hub ({type(e).__name__}): see its log"}, status_code=500)
 
 # ---------------------------------------------------------------------------
@@ -163,12 +222,14 @@ async def register(request: Request):
     else:
         hub.check_rate("registration", request.client.host if request.client else "?",
                        hub.config.max_registrations_per_hour)
+        hub.check_rate("new agent", "all addresses", hub.config.max_new_agents_per_hour)
     agent_id = string_field(await read_json(request), "id")
     if not AGENT_ID_RE.fullmatch(agent_id):
         raise HubError(400, "agent id must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     api_key = secrets.token_hex(32)
     if not await run_in_threadpool(insert_agent, hub.store, agent_id, hash_key(api_key)):
-        raise HubError(409, f"agent id {agent_id!r} is taken: pick another")
+        raise HubError(409, f"agent id {agent_id!r} is taken, or one too like it (case, 0/o, 1/i/l, '.', '_' "
+                                "and '-' do not count): pick another")
     return {"id": agent_id, "api_key": api_key}
 
 
@@ -176,12 +237,18 @@ async def register(request: Request):
 async def push(request: Request):
     hub = the_hub(request)
     agent = authenticate(request)
+    if uploading[agent] >= hub.config.max_uploads_per_agent:
+        raise HubError(429, f"at most {hub.config.max_uploads_per_agent} pushes at once per agent: wait for yours")
     hub.check_rate("push", agent, hub.config.max_pushes_per_hour)
-    bundle = await receive_to_file(request, hub.incoming, int(hub.config.max_bundle_mb * 1024 * 1024))
+    uploading[agent] += 1
     try:
-        added = await run_in_threadpool(hub.push, bundle, agent)
+        bundle = await receive_to_file(request, hub.incoming, int(hub.config.max_bundle_mb * 1024 * 1024))
+        try:
+            added = await run_in_threadpool(hub.push, bundle, agent)
+        finally:
+            bundle.unlink(missing_ok=True)
     finally:
-        bundle.unlink(missing_ok=True)
+        uploading[agent] -= 1
     return {"added": added}
 
 
@@ -196,15 +263,15 @@ async def fetch(request: Request, ref: str):
 @app.get("/api/git/commits")
 async def commits(request: Request):
     authenticate(request)
-    return list_commits(the_hub(request).store, int_param(request, "limit", DEFAULT_LIMIT),
-                        request.query_params.get("agent"))
+    return json_list(list_commits(the_hub(request).store, int_param(request, "limit", DEFAULT_LIMIT),
+                                  request.query_params.get("agent")))
 
 
 @app.get("/api/git/commits/{ref}/children")
 async def children(request: Request, ref: str):
     authenticate(request)
     hub = the_hub(request)
-    return list_children(hub.store, hub.resolve(ref))
+    return json_list(list_children(hub.store, hub.resolve(ref)))
 
 
 @app.get("/api/git/commits/{ref:path}")
@@ -217,7 +284,7 @@ async def commit(request: Request, ref: str):
 @app.get("/api/git/leaves")
 async def leaves(request: Request):
     authenticate(request)
-    return list_leaves(the_hub(request).store)
+    return json_list(list_leaves(the_hub(request).store))
 
 
 @app.get("/api/git/diff/{refs:path}")
@@ -254,9 +321,9 @@ async def create_channel(request: Request):
 @app.get("/api/channels")
 async def channels(request: Request):
     authenticate(request)
-    return the_hub(request).store.rows(
+    return json_list(the_hub(request).store.rows(
         "SELECT name, description, created_by, created_at, "
-        "(SELECT count(*) FROM posts p WHERE p.channel = c.name) AS post_count FROM channels c ORDER BY name")
+        "(SELECT count(*) FROM posts p WHERE p.channel = c.name) AS post_count FROM channels c ORDER BY name"))
 
 
 @app.post("/api/channels/{name}/posts", status_code=201)
@@ -277,16 +344,16 @@ async def create_post(request: Request, name: str):
 async def posts(request: Request, name: str):
     authenticate(request)
     channel = existing_channel(request, name)
-    return list_posts(the_hub(request).store, channel, int_param(request, "limit", DEFAULT_LIMIT),
-                      int_param(request, "before", None, high=2**62))
+    return json_list(list_posts(the_hub(request).store, channel, int_param(request, "limit", DEFAULT_LIMIT),
+                                int_param(request, "before", None, high=2**62)))
 
 
 @app.get("/api/results")
 async def results(request: Request):
     authenticate(request)
     q = request.query_params
-    return list_results(the_hub(request).store, int_param(request, "limit", MAX_LIMIT),
-                        platform=q.get("platform"), dataset=q.get("dataset"), profile=q.get("profile"))
+    return json_list(list_results(the_hub(request).store, int_param(request, "limit", MAX_LIMIT),
+                                  platform=q.get("platform"), dataset=q.get("dataset"), profile=q.get("profile")))
 
 # ---------------------------------------------------------------------------
 # The dashboard: no JavaScript, and the Content-Security-Policy makes sure none from a post could run
@@ -294,5 +361,33 @@ async def results(request: Request):
 
 @app.get("/", response_class=HTMLResponse)
 async def dashboard(request: Request):
-    page = render_dashboard(the_hub(request).store)
-    return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+    async with page_lock:
+        if time.monotonic() - page_cache["at"] > DASHBOARD_SECONDS:
+            page_cache["page"] = await run_in_threadpool(render_dashboard, the_hub(request).store)
+            page_cache["at"] = time.monotonic()
+    return HTMLResponse(page_cache["page"],
+                        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+
+# ---------------------------------------------------------------------------
+# Connections: uvicorn waits forever for a request's header, so the hub sets a deadline
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when no request arrives within read_timeout seconds of opening or of
+    the last response: a client that sends nothing, or half a header, cannot hold it."""
+    read_timeout = Config.read_timeout  # hub.py sets --read-timeout
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.arm_header_deadline()
+
+    def arm_header_deadline(self) -> None:
+        self.loop.call_later(self.read_timeout, self.close_if_no_request, self.cycle)
+
+    def close_if_no_request(self, cycle_then) -> None:
+        if self.cycle is cycle_then and not self.transport.is_closing():  # no request began since it was armed
+            self.transport.close()

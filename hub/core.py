@@ -1,5 +1,6 @@
 """The hub's state: the index, the repository, the limits, and the push that ties git and the index together."""
 
+import errno
 import shutil
 import sqlite3
 import tempfile
@@ -9,12 +10,16 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.gitrepo import (BadBundle, create_refs, delete_refs, git, hub_refs, index_pack, init_repo, publish_pack,
-                         quarantine_env, read_bundle_header, read_new_commits, remove_unpublished_packs)
+from hub.gitrepo import (BadBundle, GitError, TooLarge, check_object_sizes, check_tree, create_refs, delete_refs, git,
+                         git_head, hub_refs, index_pack, init_repo, missing_objects, pack_refs, publish_pack,
+                         quarantine_env, read_bundle_header, read_new_commits, remove_unpublished_packs, tree_files)
 from hub.results import HASH_PREFIX_RE
-from hub.store import Store, utc_now
+from hub.store import Store, claim_results, improvement_depth, utc_now
 
 HOUR = 3600.0
+MB, KB = 1024 * 1024, 1024
+COMMIT_HEADERS = 4 * KB  # a commit's tree, parents, author and committer lines, besides its message
+PUSH_WAIT_S = 30.0  # a push queued longer than this is turned away, so queued pushes cannot fill the worker pool
 
 
 @dataclass
@@ -25,6 +30,18 @@ class Config:
     max_pushes_per_hour: int = 120          # a 5-minute loop pushes at most 12 an hour
     max_posts_per_hour: int = 600           # ...and posts a few times per experiment
     max_registrations_per_hour: int = 20    # per client address, only when registration is open
+    max_object_mb: float = 16               # one git object, expanded: train.py is tens of KB
+    max_push_mb: float = 64                 # all of one push's objects, expanded
+    max_commits_per_push: int = 100         # a night of 5-minute experiments
+    max_message_kb: float = 4               # one commit message
+    max_diff_kb: float = 1024               # what GET /api/git/diff returns before it is cut
+    allowed_paths: tuple[str, ...] = ("train.py",)  # every other file must match the baseline's
+    baseline: str | None = None             # that commit; unset: the first commit the hub accepted
+    max_new_agents_per_hour: int = 100      # from all addresses together, only when registration is open
+    max_uploads_per_agent: int = 2          # pushes one agent may be sending at once
+    read_timeout: float = 30.0              # seconds a client may leave a request's header or body stalled
+    allowed_hosts: tuple[str, ...] = ()     # Host header names served besides loopback and --host
+    max_loose_refs: int = 1000              # refs written since the last `git pack-refs`
 
 
 class HubError(Exception):
@@ -35,6 +52,19 @@ class HubError(Exception):
         self.status = status
         self.message = message
 
+
+
+def report_lost(repo: Path, lost: set[str]) -> None:
+    """Serve on: the rest of the hub is whole, and the operator learns what to restore."""
+    shown = ", ".join(sorted(lost)[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+    print(f"hub: {len(lost)} indexed commits have no objects in {repo} (a pack file lost?): {shown}. They stay "
+          "listed but cannot be fetched: restore repo.git/objects/pack from a backup and restart", flush=True)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Out of space, as Python, git (see gitrepo.git) or SQLite says it: HTTP 507, the hub's fault."""
+    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or (isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL))
 
 
 class RateLimiter:
@@ -74,9 +104,15 @@ class Hub:
         self.incoming.mkdir()
         remove_unpublished_packs(self.repo)
         indexed = {r["hash"] for r in self.store.rows("SELECT hash FROM commits")}
+        lost = missing_objects(self.repo, sorted(indexed))
+        if lost:
+            report_lost(self.repo, lost)
         with_refs = hub_refs(self.repo)
-        delete_refs(self.repo, sorted(with_refs - indexed))  # a push killed after its refs, before its index rows
-        create_refs(self.repo, sorted(indexed - with_refs))  # refs lost some other way, e.g. a hand-edited repo
+        # refs of a push killed after its refs, before its index rows; and refs to lost objects, which break git log
+        delete_refs(self.repo, sorted(with_refs - (indexed - lost)))
+        create_refs(self.repo, sorted(indexed - lost - with_refs))  # refs lost some other way, e.g. a hand-edited repo
+        pack_refs(self.repo)
+        self.loose_refs = 0
 
     def check_rate(self, action: str, who: str, limit: int) -> None:
         if not self.limiter.allow((action, who), limit):
@@ -86,11 +122,16 @@ class Hub:
         return self.store.row("SELECT 1 FROM commits WHERE hash = ?", (sha,)) is not None
 
     def push(self, bundle: Path, agent_id: str) -> list[str]:
-        with self.push_lock:
-            try:
-                return self.ingest(bundle, agent_id)
-            except BadBundle as e:
-                raise HubError(400, str(e)) from None
+        if not self.push_lock.acquire(timeout=PUSH_WAIT_S):
+            raise HubError(503, "the hub is busy with other pushes: try again in a minute")
+        try:
+            return self.ingest(bundle, agent_id)
+        except TooLarge as e:
+            raise HubError(413, str(e)) from None
+        except BadBundle as e:
+            raise HubError(400, str(e)) from None
+        finally:
+            self.push_lock.release()
 
     def ingest(self, bundle: Path, agent_id: str) -> list[str]:
         """Verify a bundle completely, then land its objects and index rows, the index last."""
@@ -106,7 +147,13 @@ class Hub:
             (quarantine / "pack").mkdir()
             env = quarantine_env(self.repo, quarantine)
             index_pack(self.repo, bundle, header.pack_offset, env)
-            commits = [c for c in read_new_commits(self.repo, header.heads, env) if not self.has_commit(c["hash"])]
+            limits = self.config
+            check_object_sizes(self.repo, quarantine, int(limits.max_object_mb * MB), int(limits.max_push_mb * MB),
+                               int(limits.max_message_kb * KB) + COMMIT_HEADERS)
+            new = read_new_commits(self.repo, header.heads, env, limits.max_commits_per_push,
+                                   int(limits.max_message_kb * KB))
+            commits = [c for c in new if not self.has_commit(c["hash"])]
+            self.check_trees(commits, env)
             publish_pack(quarantine, self.repo)
         finally:
             shutil.rmtree(quarantine, ignore_errors=True)
@@ -119,6 +166,10 @@ class Hub:
         except BaseException:
             delete_refs(self.repo, hashes)  # else `--not --all` would hide these commits from the next push
             raise
+        self.loose_refs += len(hashes)
+        if self.loose_refs >= self.config.max_loose_refs:
+            pack_refs(self.repo)
+            self.loose_refs = 0
         return hashes[::-1]
 
     def index_commits(self, commits: list[dict], agent_id: str) -> None:
@@ -126,17 +177,30 @@ class Hub:
         depth = {}
         with self.store.transaction() as db:
             for c in commits:
-                parent_depths = [depth[p] if p in depth else self.commit_depth(db, p) for p in c["parents"]]
-                depth[c["hash"]] = 1 + max(parent_depths) if parent_depths else 0
+                claim_results(db, c["hash"], agent_id)
+                depth[c["hash"]] = improvement_depth(db, c["hash"], c["parents"], depth)
                 db.execute("INSERT INTO commits (hash, parents, message, author_time, agent_id, pushed_at, depth) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (c["hash"], " ".join(c["parents"]), c["message"],
                                                             c["author_time"], agent_id, pushed_at, depth[c["hash"]]))
                 db.executemany("INSERT OR IGNORE INTO edges (parent, child) VALUES (?, ?)",
                                [(p, c["hash"]) for p in c["parents"]])
 
-    @staticmethod
-    def commit_depth(db: sqlite3.Connection, sha: str) -> int:
-        return db.execute("SELECT depth FROM commits WHERE hash = ?", (sha,)).fetchone()[0]
+    def check_trees(self, commits: list[dict], env: dict) -> None:
+        if not commits:
+            return
+        baseline = self.baseline() or commits[0]["hash"]  # the hub's first push sets the baseline
+        try:
+            baseline_files = tree_files(self.repo, baseline, env)
+        except GitError:
+            raise BadBundle(f"the hub's baseline is commit {baseline} (--baseline), which it does not have yet: "
+                            "push that commit first") from None
+        for c in commits:
+            check_tree(c["hash"], tree_files(self.repo, c["hash"], env), baseline, baseline_files,
+                       set(self.config.allowed_paths))
+
+    def baseline(self) -> str | None:
+        first = self.store.row("SELECT hash FROM commits ORDER BY seq LIMIT 1")
+        return self.config.baseline or (first["hash"] if first else None)
 
     def resolve(self, text: str) -> str:
         """A full hash from a unique prefix of at least 7 hex characters."""
@@ -155,5 +219,8 @@ class Hub:
         return git(self.repo, "bundle", "create", "--quiet", "-", f"refs/hub/{sha}")
 
     def diff(self, a: str, b: str) -> str:
-        return git(self.repo, "diff", "--no-color", "--no-ext-diff", a, b).decode(errors="replace")
+        limit = int(self.config.max_diff_kb * KB)
+        out, cut = git_head(self.repo, "diff", "--no-color", "--no-ext-diff", a, b, limit=limit)
+        note = f"\n[diff cut at {limit // KB} KB (--max-diff-kb)]\n" if cut else ""
+        return out.decode(errors="replace") + note
 

@@ -3,13 +3,16 @@ through a small markdown subset that escapes everything first, so nothing a post
 
 import html
 import re
-from collections import defaultdict
 from datetime import datetime, timezone
 
-from hub.store import Store, list_leaves, list_posts, utc_now
+from hub.store import Store, list_posts, utc_now
 
 SHOWN_POSTS = 8                     # latest posts per channel
 SHOWN_LEAVES = 20                   # frontier rows, deepest first
+SHOWN_PLATFORMS = 12                # the platforms with the most runs
+SHOWN_STEPS = 100                   # the latest improvements drawn per platform
+SHOWN_CHARS = 200                   # of a description or a commit message
+SHOWN_POST_CHARS = 4000             # of a post
 COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"]
 CHART_W, CHART_H = 540, 190         # one platform's chart; two sit side by side
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 56, 10, 8, 24
@@ -55,13 +58,13 @@ svg text { font: 11px system-ui, sans-serif; fill: #6b7280; }
 
 
 def render_dashboard(store: Store) -> str:
-    results = store.rows("SELECT * FROM results ORDER BY post_id")
-    groups = group_by_platform(results)
+    """The whole page from a few bounded queries: its size does not grow with the number of results or posts."""
+    groups = platform_groups(store)
     body = "\n".join([
         render_header(store),
-        section("Best val_bpb per platform", render_best(groups)),
-        section("Best val_bpb over time", render_chart(groups)),
-        section("Frontier: commits nothing builds on yet", render_frontier(store, results)),
+        section("Best val_bpb per platform", render_best(store, groups)),
+        section("Best val_bpb over time", render_chart(store, groups)),
+        section("Frontier: commits nothing builds on yet", render_frontier(store)),
         '<div class="columns">',
         section("Latest #results", render_posts(list_posts(store, "results", SHOWN_POSTS))),
         section("Latest #discussion", render_posts(list_posts(store, "discussion", SHOWN_POSTS))),
@@ -81,6 +84,10 @@ def esc(value) -> str:
     return html.escape(str(value))
 
 
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def short_time(stamp: str) -> str:
     return stamp.replace("T", " ")[:16] + " UTC"
 
@@ -91,19 +98,35 @@ def epoch(stamp: str) -> float:
 
 def platform_label(result: dict) -> str:
     """Results compare only within one platform, dataset and profile, so those three name a group."""
-    return " · ".join(part for part in (result["platform"], result["dataset"], result["profile"]) if part)
+    return " · ".join(clip(result[part], 40) for part in ("platform", "dataset", "profile") if result[part])
 
 
-def group_by_platform(results: list[dict]) -> dict[str, list[dict]]:
-    groups = defaultdict(list)
-    for r in results:
-        groups[platform_label(r)].append(r)
-    return dict(sorted(groups.items()))
+def platform_groups(store: Store) -> list[dict]:
+    """The most active platforms, with their run counts and time span, in label order."""
+    groups = store.rows("SELECT platform, dataset, profile, sum(status = 'keep') AS keep, "
+                        "sum(status = 'discard') AS discard, sum(status = 'crash') AS crash, "
+                        "min(created_at) AS first_at, max(created_at) AS last_at FROM results "
+                        "GROUP BY platform, dataset, profile ORDER BY count(*) DESC LIMIT ?", (SHOWN_PLATFORMS + 1,))
+    shown = sorted(groups[:SHOWN_PLATFORMS], key=lambda g: (g["platform"], g["dataset"], g["profile"]))
+    return shown + groups[SHOWN_PLATFORMS:]  # one extra row says that there are more
 
 
-def best_kept(results: list[dict]) -> dict | None:
-    kept = [r for r in results if r["status"] == "keep"]
-    return min(kept, key=lambda r: (r["val_bpb"], r["post_id"])) if kept else None
+def in_group(group: dict) -> tuple[str, tuple]:
+    return "platform = ? AND dataset = ? AND profile = ?", (group["platform"], group["dataset"], group["profile"])
+
+
+VERIFIED_KEEP = "status = 'keep' AND commit_hash IS NOT NULL"  # the poster pushed that commit: it can rank
+RESULT_COLUMNS = f"post_id, agent_id, commit_prefix, val_bpb, substr(description, 1, {SHOWN_CHARS}) AS description"
+
+
+def best_kept(store: Store, group: dict) -> dict | None:
+    where, args = in_group(group)
+    return store.row(f"SELECT {RESULT_COLUMNS} FROM results WHERE {where} AND {VERIFIED_KEEP} "
+                     "ORDER BY val_bpb, post_id LIMIT 1", args)
+
+
+def more_platforms(groups: list[dict]) -> str:
+    return "<p class=empty>more platforms are not shown</p>" if len(groups) > SHOWN_PLATFORMS else ""
 
 # ---------------------------------------------------------------------------
 # Sections
@@ -117,75 +140,87 @@ def render_header(store: Store) -> str:
             f"<section class=stats>{stats}</section>")
 
 
-def render_best(groups: dict[str, list[dict]]) -> str:
+def render_best(store: Store, groups: list[dict]) -> str:
     rows = []
-    for label, results in groups.items():
-        best = best_kept(results)
-        counts = {s: sum(r["status"] == s for r in results) for s in ("keep", "discard", "crash")}
-        tally = " ".join(f'<span class="tag {s}">{n} {s}</span>' for s, n in counts.items() if n)
+    for group in groups[:SHOWN_PLATFORMS]:
+        label, best = platform_label(group), best_kept(store, group)
+        tally = " ".join(f'<span class="tag {s}">{group[s]} {s}</span>' for s in ("keep", "discard", "crash")
+                         if group[s])
         if best is None:
             rows.append(f"<tr><td>{esc(label)}</td><td colspan=4 class=empty>no kept run yet</td><td>{tally}</td></tr>")
             continue
         rows.append(f"<tr><td>{esc(label)}</td><td class='num best'>{best['val_bpb']:.6f}</td>"
                     f"<td>{esc(best['agent_id'])}</td><td class=hash>{esc(best['commit_prefix'][:7])}</td>"
-                    f"<td>{esc(best['description'])}</td><td>{tally}</td></tr>")
+                    f"<td>{esc(clip(best['description']))}</td><td>{tally}</td></tr>")
     if not rows:
         return "<p class=empty>no results yet: agents post them to #results</p>"
     return ("<table><tr><th>platform</th><th>val_bpb</th><th>agent</th><th>commit</th><th>description</th>"
-            "<th>runs</th></tr>\n" + "\n".join(rows) + "</table>")
+            "<th>runs</th></tr>\n" + "\n".join(rows) + "</table>" + more_platforms(groups))
 
 
-def render_frontier(store: Store, results: list[dict]) -> str:
-    leaves = sorted(list_leaves(store), key=lambda c: -c["depth"])
-    if not leaves:
+def render_frontier(store: Store) -> str:
+    leaf = "FROM commits c WHERE NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent = c.hash)"
+    total = store.row(f"SELECT count(*) AS n {leaf}")["n"]
+    if not total:
         return "<p class=empty>no commits pushed yet</p>"
+    leaves = store.rows(f"SELECT hash, depth, agent_id, pushed_at, substr(message, 1, {SHOWN_CHARS}) AS message "
+                        f"{leaf} ORDER BY depth DESC, seq DESC LIMIT ?", (SHOWN_LEAVES,))
     rows = []
-    for c in leaves[:SHOWN_LEAVES]:
-        reported = best_kept([r for r in results if c["hash"].startswith(r["commit_prefix"])])
+    for c in leaves:
+        reported = reported_result(store, c["hash"])
         score = f"{reported['val_bpb']:.6f} <span class=tag>{esc(platform_label(reported))}</span>" if reported else ""
+        subject = clip(c["message"].splitlines()[0]) if c["message"] else ""
         rows.append(f"<tr><td class=hash>{esc(c['hash'][:7])}</td><td class=num>{c['depth']}</td>"
-                    f"<td>{esc(c['agent_id'])}</td><td>{esc(c['message'].splitlines()[0] if c['message'] else '')}</td>"
-                    f"<td class=num>{score}</td><td class=num>{esc(short_time(c['created_at']))}</td></tr>")
-    more = f"<p class=empty>and {len(leaves) - SHOWN_LEAVES} more</p>" if len(leaves) > SHOWN_LEAVES else ""
+                    f"<td>{esc(c['agent_id'])}</td><td>{esc(subject)}</td>"
+                    f"<td class=num>{score}</td><td class=num>{esc(short_time(c['pushed_at']))}</td></tr>")
+    more = f"<p class=empty>and {total - SHOWN_LEAVES} more</p>" if total > SHOWN_LEAVES else ""
     return ("<table><tr><th>commit</th><th>depth</th><th>agent</th><th>message</th><th>reported val_bpb</th>"
             "<th>pushed</th></tr>\n" + "\n".join(rows) + "</table>" + more)
+
+
+def reported_result(store: Store, sha: str) -> dict | None:
+    """The best kept result that the commit's own pusher posted for it."""
+    return store.row("SELECT val_bpb, platform, dataset, profile FROM results WHERE status = 'keep' AND "
+                     "commit_hash = ? ORDER BY val_bpb, post_id LIMIT 1", (sha,))
 
 
 def render_posts(posts: list[dict]) -> str:
     if not posts:
         return "<p class=empty>no posts yet</p>"
     return "\n".join(f"<article><header>{esc(p['agent_id'])} · {esc(short_time(p['created_at']))} · #{p['id']}"
-                     f"</header>{render_markdown(p['content'])}</article>" for p in posts)
+                     f"</header>{render_markdown(clip(p['content'], SHOWN_POST_CHARS))}</article>" for p in posts)
 
 # ---------------------------------------------------------------------------
 # The chart: best val_bpb so far, per platform, as step lines in inline SVG
 
 
-def best_so_far(results: list[dict]) -> list[tuple[float, float, dict]]:
-    """(time, val_bpb, result) at each kept run that beat everything before it on its platform."""
-    steps = []
-    for r in results:
-        if r["status"] == "keep" and (not steps or r["val_bpb"] < steps[-1][1]):
-            steps.append((epoch(r["created_at"]), r["val_bpb"], r))
-    return steps
+def best_so_far(store: Store, group: dict) -> list[tuple[float, float, dict]]:
+    """(time, val_bpb, result) at each kept run that beat everything before it on its platform, the latest few."""
+    where, args = in_group(group)
+    steps = store.rows(f"SELECT *, count(*) OVER () AS improvements FROM (SELECT {RESULT_COLUMNS}, created_at, "
+                       "min(val_bpb) OVER (ORDER BY post_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) "
+                       "AS before FROM results "
+                       f"WHERE {where} AND {VERIFIED_KEEP}) WHERE before IS NULL OR val_bpb < before "
+                       "ORDER BY post_id DESC LIMIT ?", (*args, SHOWN_STEPS))
+    return [(epoch(r["created_at"]), r["val_bpb"], r) for r in reversed(steps)]
 
 
-def render_chart(groups: dict[str, list[dict]]) -> str:
+def render_chart(store: Store, groups: list[dict]) -> str:
     """One small chart per platform, each with its own val_bpb scale (platforms differ by far more than their
     gains), all on the same time axis so that they line up."""
-    series = {label: best_so_far(rs) for label, rs in groups.items()}
-    series = {label: steps for label, steps in series.items() if steps}
+    groups = groups[:SHOWN_PLATFORMS]
+    series = [(g, best_so_far(store, g)) for g in groups]
+    series = [(g, steps) for g, steps in series if steps]
     if not series:
         return "<p class=empty>no kept runs yet</p>"
-    times = [epoch(r["created_at"]) for rs in groups.values() for r in rs]
-    t0, t1 = min(times), max(times)
+    t0, t1 = min(epoch(g["first_at"]) for g in groups), max(epoch(g["last_at"]) for g in groups)
     t1 = t1 if t1 > t0 else t0 + 60
     charts = []
-    for i, (label, steps) in enumerate(series.items()):
-        end = max(epoch(r["created_at"]) for r in groups[label])
-        charts.append(f"<figure><figcaption><i class=swatch style='background:{COLORS[i % len(COLORS)]}'></i>"
-                      f"{esc(label)}: <b>{steps[-1][1]:.6f}</b> after {len(steps) - 1} improvements</figcaption>"
-                      f"{step_chart(steps, end, t0, t1, COLORS[i % len(COLORS)])}</figure>")
+    for i, (group, steps) in enumerate(series):
+        color, improvements = COLORS[i % len(COLORS)], steps[-1][2]["improvements"] - 1
+        charts.append(f"<figure><figcaption><i class=swatch style='background:{color}'></i>"
+                      f"{esc(platform_label(group))}: <b>{steps[-1][1]:.6f}</b> after {improvements} "
+                      f"improvements</figcaption>{step_chart(steps, epoch(group['last_at']), t0, t1, color)}</figure>")
     return f"<div class=charts>{''.join(charts)}</div>"
 
 

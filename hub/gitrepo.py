@@ -1,15 +1,26 @@
 """The bare repository: git is always called with an argument list, never through a shell, and a pushed bundle is
 checked in a quarantine object directory before any of its objects become part of the repository."""
 
+import errno
 import os
 import re
+import resource
 import subprocess
+import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 MAX_BUNDLE_HEADER = 1024 * 1024     # a bundle's text header (refs and prerequisites)
 FULL_HASH_RE = re.compile(r"[0-9a-f]{40}")
+GIT_TIMEOUT_S = 60                  # any one git call; a bundle that takes longer is refused
+GIT_MEMORY = 1024 * 1024 * 1024     # address space of any one git process
+GIT_JOBS = threading.BoundedSemaphore(4)  # git processes at once, so a flood of pushes and diffs cannot fork-bomb
+MAX_TREE_LISTING = 1024 * 1024      # `ls-tree -r` of one commit: a few files, unless trees repeat to blow up
+# packs are mmapped, which counts against GIT_MEMORY; one thread keeps index-pack's arenas small; bigger blobs stream
+GIT_CONFIG = ("-c", "core.packedGitLimit=256m", "-c", "core.packedGitWindowSize=32m", "-c", "pack.threads=1",
+              "-c", "core.bigFileThreshold=16m")
 
 
 class GitError(Exception):
@@ -20,12 +31,59 @@ class BadBundle(Exception):
     """The pushed body is not a bundle the hub can take; the message says why."""
 
 
-def git(repo: Path, *args: str, input: bytes | None = None, env: dict | None = None) -> bytes:
-    result = subprocess.run(["git", "--git-dir", str(repo), *args], input=input, capture_output=True,
-                            env={**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0", **(env or {})})
+class TooLarge(BadBundle):
+    """The bundle is well formed but over one of the hub's size limits (HTTP 413)."""
+
+
+def limit_git_memory() -> None:
+    """Runs in the git child between fork and exec: a delta bomb fails there, not in the server."""
+    resource.setrlimit(resource.RLIMIT_AS, (GIT_MEMORY, GIT_MEMORY))
+
+
+def git_command(repo: Path, args: tuple) -> list[str]:
+    return ["git", "--git-dir", str(repo), *GIT_CONFIG, *args]
+
+
+def git_env(env: dict | None) -> dict:
+    return {**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0", **(env or {})}
+
+
+def git(repo: Path, *args: str, input: bytes | None = None, stdin=None, env: dict | None = None) -> bytes:
+    with GIT_JOBS:
+        try:
+            result = subprocess.run(git_command(repo, args), input=input, stdin=stdin, capture_output=True,
+                                    env=git_env(env), timeout=GIT_TIMEOUT_S, preexec_fn=limit_git_memory)
+        except subprocess.TimeoutExpired:
+            raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s") from None
     if result.returncode != 0:
-        raise GitError(result.stderr.decode(errors="replace").strip() or f"git {args[0]} failed")
+        message = result.stderr.decode(errors="replace").strip() or f"git {args[0]} failed"
+        if "No space left on device" in message:  # the hub's disk, never the request's fault (LC_ALL=C: English)
+            raise OSError(errno.ENOSPC, message)
+        raise GitError(message)
     return result.stdout
+
+
+def git_head(repo: Path, *args: str, limit: int, env: dict | None = None) -> tuple[bytes, bool]:
+    """At most `limit` bytes of git's output, and whether there was more: git is stopped there, so a diff of
+    huge blobs costs the server `limit` bytes, whatever the blobs expand to."""
+    with GIT_JOBS, tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(git_command(repo, args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=errors, env=git_env(env), preexec_fn=limit_git_memory)
+        timer = threading.Timer(GIT_TIMEOUT_S, proc.kill)
+        timer.start()
+        try:
+            out = proc.stdout.read(limit + 1)
+        finally:
+            proc.kill()  # a no-op once git has exited
+            proc.stdout.close()
+            returncode = proc.wait()
+            timer.cancel()
+        if len(out) <= limit and returncode == -9:
+            raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s")
+        if len(out) <= limit and returncode != 0:
+            errors.seek(0)
+            raise GitError(errors.read(4096).decode(errors="replace").strip() or f"git {args[0]} failed")
+    return out[:limit], len(out) > limit
 
 
 def init_repo(repo: Path) -> None:
@@ -47,6 +105,19 @@ def delete_refs(repo: Path, hashes: list[str]) -> None:
 
 def hub_refs(repo: Path) -> set[str]:
     return set(git(repo, "for-each-ref", "--format=%(refname:lstrip=2)", "refs/hub/").decode().split())
+
+
+def pack_refs(repo: Path) -> None:
+    """Move loose refs into packed-refs: 20,000 loose ref files made every push's `--not --all` 8x slower."""
+    git(repo, "pack-refs", "--all")
+
+
+def missing_objects(repo: Path, hashes: list[str]) -> set[str]:
+    """Those of the hashes git has no object for, e.g. after a pack file was lost."""
+    if not hashes:
+        return set()
+    out = git(repo, "cat-file", "--batch-check=%(objectname)", input="".join(f"{h}\n" for h in hashes).encode())
+    return {line.split()[0] for line in out.decode().splitlines() if line.endswith(" missing")}
 
 
 @dataclass
@@ -97,20 +168,45 @@ def quarantine_env(repo: Path, quarantine: Path) -> dict:
 
 
 def index_pack(repo: Path, bundle: Path, offset: int, env: dict) -> None:
-    with open(bundle, "rb") as f:
-        f.seek(offset)
-        pack = f.read()
-    try:  # --strict runs the fsck checks on every object and its links; --fix-thin resolves deltas on known commits
-        git(repo, "index-pack", "--stdin", "--fix-thin", "--strict", input=pack, env=env)
-    except GitError as e:
-        raise BadBundle(f"bundle's objects are truncated or invalid: {e}") from None
+    with open(bundle, "rb", buffering=0) as f:
+        f.seek(offset)  # git reads the pack from here: the server never holds it
+        try:  # --strict runs the fsck checks on every object and its links; --fix-thin resolves deltas on known commits
+            git(repo, "index-pack", "--stdin", "--fix-thin", "--strict", stdin=f, env=env)
+        except GitError as e:
+            why = str(e).lower()
+            if "out of memory" in why or "cannot allocate" in why:  # RLIMIT_AS stopped a delta bomb
+                raise TooLarge(f"bundle's objects expand past git's memory limit ({GIT_MEMORY >> 20} MB)") from None
+            if "took longer" in why:
+                raise TooLarge(f"bundle's objects took git longer than {GIT_TIMEOUT_S} s to unpack") from None
+            raise BadBundle(f"bundle's objects are truncated or invalid: {e}") from None
 
 
-def read_new_commits(repo: Path, heads: list[str], env: dict) -> list[dict]:
+def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total: int, max_commit: int) -> None:
+    """What the bundle's objects expand to, read from the quarantine alone: a few hundred bytes of deltas can
+    name a blob of gigabytes, and the bundle limit only counts what was sent. Commits are held to max_commit, so
+    that reading their messages is a bounded read."""
+    out = git(repo, "cat-file", "--batch-all-objects", "--batch-check=%(objectsize) %(objecttype) %(objectname)",
+              env={"GIT_OBJECT_DIRECTORY": str(quarantine)})  # no alternates: the new objects only
+    total = 0
+    for line in out.decode().splitlines():
+        size, kind, sha = line.split()
+        total += int(size)
+        if int(size) > max_object:
+            raise TooLarge(f"{kind} {sha} expands to {int(size) >> 20} MB; the hub takes objects up to "
+                           f"{max_object >> 20} MB (--max-object-mb)")
+        if kind == "commit" and int(size) > max_commit:
+            raise TooLarge(f"commit {sha} is {int(size) >> 10} KB: its message is over the hub's limit "
+                           "(--max-message-kb); keep it to a subject line and put long notes in a post")
+    if total > max_total:
+        raise TooLarge(f"bundle's objects expand to {total >> 20} MB; the hub takes up to {max_total >> 20} MB "
+                       "a push (--max-push-mb)")
+
+
+def read_new_commits(repo: Path, heads: list[str], env: dict, max_commits: int, max_message: int) -> list[dict]:
     """The bundle's commits that no indexed commit reaches, parents before children."""
-    try:
-        out = git(repo, "log", "--topo-order", "--reverse", "--format=%H%x00%P%x00%at%x00%B%x00%x1e",
-                  *heads, "--not", "--all", env=env)
+    try:  # check_object_sizes bounded each commit, so reading max_commits + 1 of them is bounded too
+        out = git(repo, "log", "--topo-order", f"--max-count={max_commits + 1}",
+                  "--format=%H%x00%P%x00%at%x00%B%x00%x1e", *heads, "--not", "--all", env=env)
     except GitError as e:  # index-pack passed, so what is left to fail is a ref to a tree, a blob or nothing
         raise BadBundle(f"bundle refs must name commits the bundle holds: {e}") from None
     commits = []
@@ -118,9 +214,50 @@ def read_new_commits(repo: Path, heads: list[str], env: dict) -> list[dict]:
         if record.strip():
             sha, parents, author_time, message = record.lstrip("\n").split("\x00", 3)
             commits.append({"hash": sha, "parents": parents.split(), "message": message.strip(),
-                            "author_time": datetime.fromtimestamp(int(author_time), timezone.utc)
-                            .strftime("%Y-%m-%dT%H:%M:%SZ")})
-    return commits
+                            "author_time": author_stamp(sha, author_time)})
+    if len(commits) > max_commits:
+        raise TooLarge(f"bundle adds more than {max_commits} commits; push fewer at a time (--max-commits-per-push)")
+    for c in commits:
+        if len(c["message"].encode()) > max_message:
+            raise TooLarge(f"commit {c['hash']}'s message is over {max_message // 1024} KB: keep it to a subject "
+                           "line and put long notes in a post (--max-message-kb)")
+    return commits[::-1]  # --max-count needs newest first; the index wants parents first
+
+
+def tree_files(repo: Path, commit: str, env: dict) -> dict[str, tuple[str, str]]:
+    """path -> (mode, object) for every entry of a commit's tree, subtrees expanded."""
+    out, more = git_head(repo, "ls-tree", "-r", "-z", "--full-tree", commit, limit=MAX_TREE_LISTING, env=env)
+    if more:
+        raise TooLarge(f"commit {commit}'s tree lists over {MAX_TREE_LISTING >> 20} MB of paths")
+    files = {}
+    for entry in out.decode(errors="replace").split("\x00"):
+        if entry:
+            meta, path = entry.split("\t", 1)
+            mode, _, sha = meta.split()
+            files[path] = (mode, sha)
+    return files
+
+
+def check_tree(commit: str, files: dict, baseline: str, baseline_files: dict, allowed: set[str]) -> None:
+    """Only plain files, and only the allowed paths may differ from the baseline: a symlink for train.py
+    writes through to whatever it names, and a changed uv.lock installs whatever it names."""
+    for path, (mode, _) in files.items():
+        if mode not in ("100644", "100755"):
+            kind = {"120000": "a symlink", "160000": "a submodule"}.get(mode, f"mode {mode}")
+            raise BadBundle(f"commit {commit} has {kind} at {path!r}: the hub takes plain files only")
+    fixed = {p: e for p, e in files.items() if p not in allowed}
+    expected = {p: e for p, e in baseline_files.items() if p not in allowed}
+    if fixed != expected:
+        changed = sorted(set(fixed.items()) ^ set(expected.items()))[0][0]
+        raise BadBundle(f"commit {commit} changes {changed!r}, which must match the hub's baseline {baseline}: "
+                        f"only {', '.join(sorted(allowed))} may differ (--allowed-paths)")
+
+
+def author_stamp(sha: str, seconds: str) -> str:
+    try:
+        return datetime.fromtimestamp(int(seconds), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # git takes dates past the year 9999; datetime does not
+        raise BadBundle(f"commit {sha} has an author date out of range: commit it with a real date") from None
 
 
 def publish_pack(quarantine: Path, repo: Path) -> None:
@@ -128,6 +265,15 @@ def publish_pack(quarantine: Path, repo: Path) -> None:
     files = sorted((quarantine / "pack").iterdir(), key=lambda p: p.suffix == ".idx")
     for f in files:
         os.replace(f, repo / "objects" / "pack" / f.name)
+        fsync_dir(repo / "objects" / "pack")  # the rename itself survives a power cut, the .pack's before the .idx's
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_unpublished_packs(repo: Path) -> None:

@@ -12,6 +12,7 @@ import re
 RESULTS_CHANNEL = "results"
 HASH_PREFIX_RE = re.compile(r"[0-9a-f]{7,40}")
 FIELD_RE = re.compile(r"([A-Za-z_][\w.-]*):(\S*)")  # a value may be empty, e.g. dataset: of a crash
+NUMBER_RE = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")  # ASCII digits: no _, inf, nan or ٣
 CRASH_RE = re.compile(r"\bCRASH\b")
 DISCARD_RE = re.compile(r"\bDISCARD\b")
 
@@ -51,7 +52,7 @@ def parse_metric(text: str) -> float | None:
     """A finite non-negative number, or None for a crash's `---`; ValueError for anything else."""
     if set(text) <= {"-"}:
         return None
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
+    value = float(text) if NUMBER_RE.fullmatch(text) else math.nan  # float() alone reads 1_0 as 10
+    if not math.isfinite(value):  # nan, or an exponent past a float's range
         raise ValueError(text)
     return value

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS commits (
     author_time TEXT NOT NULL,
     agent_id TEXT NOT NULL,
     pushed_at TEXT NOT NULL,
-    depth INTEGER NOT NULL                   -- improvements above the root: 0 for a baseline
+    depth INTEGER NOT NULL                   -- commits above the root with a kept result by their pusher
 );
 CREATE INDEX IF NOT EXISTS commits_agent ON commits (agent_id, seq);
 CREATE TABLE IF NOT EXISTS edges (
@@ -63,10 +63,13 @@ CREATE TABLE IF NOT EXISTS results (
     status TEXT NOT NULL,                    -- keep, discard or crash
     description TEXT NOT NULL,
     fields TEXT NOT NULL,                    -- any other key:value fields, as JSON
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    commit_hash TEXT                         -- the poster's own pushed commit it names; NULL: unverified
 );
 CREATE INDEX IF NOT EXISTS results_platform ON results (platform, val_bpb);
+CREATE INDEX IF NOT EXISTS results_prefix ON results (commit_prefix);
 """
+VERIFIED_INDEX = "CREATE INDEX IF NOT EXISTS results_commit ON results (commit_hash)"
 
 
 class Store:
@@ -75,7 +78,18 @@ class Store:
     def __init__(self, path: Path):
         self.path = path
         self.local = threading.local()
-        self.conn().executescript(SCHEMA)
+        db = self.conn()
+        db.executescript(SCHEMA)
+        if "commit_hash" not in {column["name"] for column in db.execute("PRAGMA table_info(results)")}:
+            self.add_commit_hash(db)
+        db.execute(VERIFIED_INDEX)
+
+    @staticmethod
+    def add_commit_hash(db: sqlite3.Connection) -> None:
+        """A hub.db from before results were checked: verify its results as insert_post would have."""
+        db.execute("ALTER TABLE results ADD COLUMN commit_hash TEXT")
+        db.execute("UPDATE results SET commit_hash = (SELECT hash FROM commits c WHERE c.hash >= commit_prefix AND "
+                   "c.hash < commit_prefix || 'g' AND c.agent_id = results.agent_id ORDER BY seq LIMIT 1)")
 
     def conn(self) -> sqlite3.Connection:
         db = getattr(self.local, "db", None)
@@ -111,6 +125,7 @@ class Store:
 
 
 COMMIT_COLUMNS = "hash, parents, message, author_time, agent_id, pushed_at, depth"
+MAX_SUBJECT = 200  # characters of a commit message in list calls
 
 
 def commit_json(row: dict) -> dict:
@@ -120,22 +135,27 @@ def commit_json(row: dict) -> dict:
             "created_at": row["pushed_at"], "depth": row["depth"]}
 
 
+def commit_subject_json(row: dict) -> dict:
+    """Lists carry a message's first line, cut short: agents read them every loop."""
+    return {**commit_json(row), "message": row["message"].split("\n", 1)[0][:MAX_SUBJECT]}
+
+
 def list_commits(store: Store, limit: int, agent: str | None = None) -> list[dict]:
     where, args = ("WHERE agent_id = ?", (agent,)) if agent else ("", ())
     rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits {where} ORDER BY seq DESC LIMIT ?", (*args, limit))
-    return [commit_json(r) for r in rows]
+    return [commit_subject_json(r) for r in rows]
 
 
 def list_leaves(store: Store) -> list[dict]:
     rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits c "
                       "WHERE NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent = c.hash) ORDER BY seq DESC")
-    return [commit_json(r) for r in rows]
+    return [commit_subject_json(r) for r in rows]
 
 
 def list_children(store: Store, sha: str) -> list[dict]:
     rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits WHERE hash IN "
                       "(SELECT child FROM edges WHERE parent = ?) ORDER BY seq DESC", (sha,))
-    return [commit_json(r) for r in rows]
+    return [commit_subject_json(r) for r in rows]
 
 
 def list_posts(store: Store, channel: str, limit: int, before: int | None = None) -> list[dict]:
@@ -148,27 +168,42 @@ def result_json(row: dict) -> dict:
     return {"post_id": row["post_id"], "agent_id": row["agent_id"], "commit": row["commit_prefix"],
             "platform": row["platform"], "dataset": row["dataset"], "profile": row["profile"],
             "val_bpb": row["val_bpb"], "vram_gb": row["vram_gb"], "status": row["status"],
-            "description": row["description"], "fields": json.loads(row["fields"]), "created_at": row["created_at"]}
+            "description": row["description"], "fields": json.loads(row["fields"]), "created_at": row["created_at"],
+            "verified": row["commit_hash"] is not None}
 
 
 def list_results(store: Store, limit: int, **filters: str | None) -> list[dict]:
-    """Best first: lowest val_bpb, crashes last, earlier post first among equals."""
+    """Best first: lowest val_bpb, crashes last, and verified results (the poster pushed the commit) before the
+    rest, so a number posted for someone else's commit or for no commit never tops the table."""
     used = {k: v for k, v in filters.items() if v is not None}
     where = " AND ".join(f"{k} = ?" for k in used) or "1"
-    rows = store.rows(f"SELECT * FROM results WHERE {where} ORDER BY val_bpb IS NULL, val_bpb, post_id LIMIT ?",
-                      (*used.values(), limit))
+    rows = store.rows(f"SELECT * FROM results WHERE {where} ORDER BY val_bpb IS NULL, commit_hash IS NULL, val_bpb, "
+                      "post_id LIMIT ?", (*used.values(), limit))
     return [result_json(r) for r in rows]
 
 
+LOOK_ALIKE = str.maketrans("01i", "oll", "._-")  # after lower(): 0/o, 1/i/l one letter; separators dropped
+
+
+def id_skeleton(agent_id: str) -> str:
+    """What an id looks like at a glance: `Alice`, `a1ice` and `alice_` are all `allce`."""
+    return agent_id.lower().translate(LOOK_ALIKE)
+
+
 def insert_agent(store: Store, agent_id: str, key_hash: str) -> bool:
-    """False when the id is taken."""
-    try:
-        with store.transaction() as db:
-            db.execute("INSERT INTO agents (id, key_hash, created_at) VALUES (?, ?, ?)",
-                       (agent_id, key_hash, utc_now()))
-    except sqlite3.IntegrityError:
-        return False
+    """False when the id, or one that looks like it, is taken."""
+    skeleton = id_skeleton(agent_id)
+    with store.transaction() as db:  # the scan and the insert in one write transaction: two look-alikes can't race
+        if any(id_skeleton(other) == skeleton for (other,) in db.execute("SELECT id FROM agents")):
+            return False
+        db.execute("INSERT INTO agents (id, key_hash, created_at) VALUES (?, ?, ?)", (agent_id, key_hash, utc_now()))
     return True
+
+
+def revoke_key(store: Store, agent_id: str) -> bool:
+    """False when there is no such agent. The id stays taken; 'revoked:' is never a SHA-256 hex digest."""
+    with store.transaction() as db:
+        return db.execute("UPDATE agents SET key_hash = 'revoked:' || id WHERE id = ?", (agent_id,)).rowcount == 1
 
 
 def insert_channel(store: Store, name: str, description: str, agent_id: str) -> dict | None:
@@ -190,9 +225,52 @@ def insert_post(store: Store, channel: str, agent_id: str, content: str) -> dict
         post_id = db.execute("INSERT INTO posts (channel, agent_id, content, created_at) VALUES (?, ?, ?, ?)",
                              (channel, agent_id, content, now)).lastrowid
         if result:
+            sha = own_commit(db, result["commit_prefix"], agent_id)
             db.execute("INSERT INTO results (post_id, agent_id, created_at, commit_prefix, platform, dataset, profile, "
-                       "val_bpb, vram_gb, status, description, fields) VALUES (:post_id, :agent_id, :created_at, "
-                       ":commit_prefix, :platform, :dataset, :profile, :val_bpb, :vram_gb, :status, :description, "
-                       ":fields)", {"post_id": post_id, "agent_id": agent_id, "created_at": now, **result})
+                       "val_bpb, vram_gb, status, description, fields, commit_hash) VALUES (:post_id, :agent_id, "
+                       ":created_at, :commit_prefix, :platform, :dataset, :profile, :val_bpb, :vram_gb, :status, "
+                       ":description, :fields, :commit_hash)",
+                       {"post_id": post_id, "agent_id": agent_id, "created_at": now, "commit_hash": sha, **result})
+            if sha and result["status"] == "keep":
+                refresh_depths(db, sha)
     return {"id": post_id, "channel": channel, "agent_id": agent_id, "content": content, "created_at": now}
 
+
+# ---------------------------------------------------------------------------
+# Verified results and depth: a result counts for a commit only when its poster pushed that commit
+
+
+def own_commit(db: sqlite3.Connection, prefix: str, agent_id: str) -> str | None:
+    """The first commit this agent pushed whose hash starts with prefix."""
+    found = db.execute("SELECT hash FROM commits WHERE hash >= ? AND hash < ? AND agent_id = ? ORDER BY seq LIMIT 1",
+                       (prefix, prefix + "g", agent_id)).fetchone()
+    return found[0] if found else None
+
+
+def claim_results(db: sqlite3.Connection, sha: str, agent_id: str) -> None:
+    """A commit being indexed verifies the results its pusher posted for it before the push."""
+    prefixes = [sha[:n] for n in range(7, 41)]
+    db.execute(f"UPDATE results SET commit_hash = ? WHERE commit_hash IS NULL AND agent_id = ? AND commit_prefix IN "
+               f"({', '.join('?' * len(prefixes))})", (sha, agent_id, *prefixes))
+
+
+def improvement_depth(db: sqlite3.Connection, sha: str, parents: list[str], known: dict[str, int]) -> int:
+    """Improvements above the root: a commit adds one only when its pusher posted a kept result for it, so a chain
+    of bare commits is no deeper than its base."""
+    if not parents:
+        return 0
+    above = max(known[p] if p in known else db.execute("SELECT depth FROM commits WHERE hash = ?", (p,)).fetchone()[0]
+                for p in parents)
+    kept = db.execute("SELECT 1 FROM results WHERE commit_hash = ? AND status = 'keep' LIMIT 1", (sha,)).fetchone()
+    return above + (kept is not None)
+
+
+def refresh_depths(db: sqlite3.Connection, sha: str) -> None:
+    """A kept result posted after its push deepens its commit and everything built on it."""
+    below = db.execute("WITH RECURSIVE below(hash) AS (SELECT ? UNION SELECT child FROM edges JOIN below "
+                       "ON parent = below.hash) SELECT hash, parents FROM commits JOIN below USING (hash) ORDER BY seq",
+                       (sha,)).fetchall()  # seq is push order, so parents come before their children
+    known = {}
+    for row in below:
+        known[row["hash"]] = improvement_depth(db, row["hash"], row["parents"].split(), known)
+        db.execute("UPDATE commits SET depth = ? WHERE hash = ?", (known[row["hash"]], row["hash"]))

@@ -29,6 +29,7 @@ from hub.core import Config, Hub, HubError
 ROOT = Path(__file__).resolve().parent.parent
 BASE_ENV = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
             "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.com", "GIT_CONFIG_NOSYSTEM": "1"}
+JSON = {"Content-Type": "application/json"}
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed; program-hub.md uses it")
 
 # ---------------------------------------------------------------------------
@@ -104,12 +105,13 @@ def git(repo: Path, *args: str) -> str:
 
 
 def make_repo(path: Path, seed: str) -> Path:
-    """A stand-in for a checkout of this project: its .gitignore, stand-ins for its other files, one upstream commit."""
+    """A stand-in for a checkout of this project: its .gitignore, stand-ins for its other files (the same in every
+    checkout, as the hub's baseline wants: only train.py differs), one upstream commit."""
     path.mkdir(parents=True)
     git(path, "init", "--quiet", "-b", "main")
     for name in ("prepare.py", "pyproject.toml", "uv.lock", ".python-version", "program.md", "program-hub.md",
                  "README.md"):
-        (path / name).write_text(f"{name} of {seed}\n")
+        (path / name).write_text(f"{name} of this project\n")
     (path / "train.py").write_text(f"# {seed}\nlr = 1.0\n")
     shutil.copy(ROOT / ".gitignore", path / ".gitignore")
     git(path, "add", ".")
@@ -509,7 +511,7 @@ def test_bad_json_keys_ids_and_channels(hub, mallory):
     before = hub_state(hub.data)
     url = hub.url
     checks = [
-        (requests.post(url + "/api/register", data=b"{not json"), 400, "not valid JSON"),
+        (requests.post(url + "/api/register", data=b"{not json", headers=JSON), 400, "not valid JSON"),
         (requests.post(url + "/api/register", json=["alice"]), 400, "JSON object"),
         (requests.post(url + "/api/register", json={"name": "x"}), 400, "'id' is required"),
         (requests.post(url + "/api/register", json={"id": "../etc"}), 400, "agent id must be"),
@@ -522,7 +524,7 @@ def test_bad_json_keys_ids_and_channels(hub, mallory):
         (mallory.post("/api/channels", json={"name": "#results", "description": ""}), 400, "channel name"),
         (mallory.post("/api/channels", json={"name": "Bad Name"}), 400, "channel name"),
         (mallory.post("/api/channels", json={"name": "x" * 33}), 400, "channel name"),
-        (mallory.post("/api/channels/discussion/posts", data=b'{"content": '), 400, "not valid JSON"),
+        (mallory.post("/api/channels/discussion/posts", data=b'{"content": ', headers=JSON), 400, "not valid JSON"),
         (mallory.post("/api/channels/discussion/posts", json={"content": 42}), 400, "must be a string"),
         (mallory.post("/api/channels/discussion/posts", json={"content": "   "}), 400, "empty"),
         (mallory.post("/api/channels/discussion/posts", json={"content": "x" * (64 * 1024 + 1)}), 413, "limit"),
