@@ -11,6 +11,7 @@ measurement keeps the runs that finished; each run's whole output goes to --logs
 """
 import argparse
 import datetime
+import math
 import re
 import statistics
 import subprocess
@@ -38,6 +39,17 @@ def stats(rows):
     steps = [r["num_steps"] for r in rows]
     return dict(runs=len(rows), mean=statistics.mean(bpbs), std=statistics.stdev(bpbs) if len(bpbs) > 1 else None,
                 spread=max(bpbs) - min(bpbs), steps_min=min(steps), steps_max=max(steps))
+
+
+def step_fit(rows):
+    """val_bpb against the step count over all runs (least squares): what one more step is worth, and the spread
+    left at a fixed step count, i.e. the noise a budget counted in steps would leave. None below 3 runs."""
+    steps, bpbs = [r["num_steps"] for r in rows], [r["val_bpb"] for r in rows]
+    if len(rows) < 3 or len(set(steps)) < 2:
+        return None
+    per_step, intercept = statistics.linear_regression(steps, bpbs)
+    residuals = [b - intercept - per_step * n for n, b in zip(steps, bpbs)]
+    return dict(per_step=per_step, std_at_fixed_steps=math.sqrt(sum(r * r for r in residuals) / (len(rows) - 2)))
 
 
 def run_one(seed, busy, args, log):
@@ -72,7 +84,11 @@ def report(rows, header):
         values = ", ".join(f"{r['val_bpb']:.4f}" for r in groups[g])
         print(f"{g:<16} {s['runs']:>4} {s['mean']:>9.4f} {std:>9} {s['spread']:>8.4f} "
               f"{s['steps_min']:>5}-{s['steps_max']:<5}  {values}")
-    return table
+    fit = step_fit(rows)
+    if fit:
+        print(f"all runs: {fit['per_step']:+.4f} val_bpb per step; std at a fixed step count "
+              f"{fit['std_at_fixed_steps']:.4f}")
+    return table, fit
 
 
 def main():
@@ -114,10 +130,11 @@ def main():
         rows.append(row)
         print(f"    val_bpb {row['val_bpb']:.6f}, {row['num_steps']} steps, {row['wall_seconds']:.0f}s wall",
               flush=True)
-        table = report(rows, header) if i == len(todo) else {}
+        table, fit = report(rows, header) if i == len(todo) else ({}, None)
         out.parent.mkdir(parents=True, exist_ok=True)
         prepare.write_json(out, dict(machine=machine, device=device, date=datetime.date.today().isoformat(),
-                                  budget=args.budget, load=args.load, edits=args.edits, groups=table, runs=rows))
+                                  budget=args.budget, load=args.load, edits=args.edits, groups=table,
+                                  step_fit=fit, runs=rows))
     print(f"wrote {out}")
 
 

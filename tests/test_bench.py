@@ -147,6 +147,10 @@ def test_noise_plan_and_stats():
     # deviations -0.2, 0.2, 0: sample variance (0.04 + 0.04) / 2
     assert s["mean"] == pytest.approx(1.2) and s["std"] == pytest.approx(0.2) and s["spread"] == pytest.approx(0.4)
     assert noise.stats([dict(val_bpb=1.5, num_steps=7)])["std"] is None
+    # steps 1, 2, 3 -> val_bpb 1, 3, 2: least squares 1 + 0.5 * steps, residuals -0.5, 1, -0.5 over 1 dof
+    fit = noise.step_fit([dict(val_bpb=b, num_steps=n) for n, b in ((1, 1.0), (2, 3.0), (3, 2.0))])
+    assert fit["per_step"] == pytest.approx(0.5) and fit["std_at_fixed_steps"] == pytest.approx(1.5 ** 0.5)
+    assert noise.step_fit([dict(val_bpb=b, num_steps=5) for b in (1.0, 2.0, 3.0)]) is None
 
 
 def test_cpu_defaults_candidates_are_what_their_names_say():
