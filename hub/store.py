@@ -88,8 +88,8 @@ class Store:
     def add_commit_hash(db: sqlite3.Connection) -> None:
         """A hub.db from before results were checked: verify its results as insert_post would have."""
         db.execute("ALTER TABLE results ADD COLUMN commit_hash TEXT")
-        db.execute("UPDATE results SET commit_hash = (SELECT hash FROM commits c WHERE c.hash >= commit_prefix AND "
-                   "c.hash < commit_prefix || 'g' AND c.agent_id = results.agent_id ORDER BY seq LIMIT 1)")
+        for post_id, prefix, agent_id in db.execute("SELECT post_id, commit_prefix, agent_id FROM results").fetchall():
+            db.execute("UPDATE results SET commit_hash = ? WHERE post_id = ?", (own_commit(db, prefix, agent_id), post_id))
 
     def conn(self) -> sqlite3.Connection:
         db = getattr(self.local, "db", None)
