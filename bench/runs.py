@@ -2,6 +2,7 @@
 bench scripts and the end-to-end tests share.
 """
 import argparse
+import ast
 import os
 import re
 import subprocess
@@ -19,15 +20,46 @@ def slug(name):
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
 
 
-def edit_constants(source, edits):
-    """train.py's source with every `NAME = ...` line (at any indentation, so both profile branches) set to
-    edits[NAME], a Python expression as text; an edit that names no constant is an error."""
+def edit_constants(source, edits, profile=None):
+    """train.py's source with every `NAME = ...` line (at any indentation) set to edits[NAME], a Python expression
+    as text; with `profile`, only the lines that profile runs: not those of the other branches of an
+    `if PROFILE == "..."` chain. An edit that names no such constant is an error."""
+    skip = other_profiles_lines(source, profile) if profile else set()
+    lines = source.splitlines(keepends=True)
     for name, value in edits.items():
-        source, count = re.subn(rf"^(\s*){name} = [^#\n]*?(\s*#.*)?$", rf"\g<1>{name} = {value}\g<2>", source,
-                                flags=re.M)
+        pattern = re.compile(rf"^(\s*){name} = [^#\n]*?(\s*#.*)?(\n?)$")
+        count = 0
+        for i, line in enumerate(lines):
+            if i not in skip and pattern.match(line):
+                lines[i] = pattern.sub(rf"\g<1>{name} = {value}\g<2>\g<3>", line)
+                count += 1
         if not count:
-            raise ValueError(f"train.py has no constant {name}")
-    return source
+            raise ValueError(f"train.py has no constant {name}" + (f" for profile {profile}" if profile else ""))
+    return "".join(lines)
+
+
+def other_profiles_lines(source, profile):
+    """Indices of the lines inside the branches of top-level `if PROFILE == "..."` chains that `profile` skips."""
+    def is_profile_test(test):
+        return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "PROFILE"
+                and isinstance(test.ops[0], ast.Eq) and isinstance(test.comparators[0], ast.Constant))
+    def lines_of(body):
+        return range(body[0].lineno - 1, body[-1].end_lineno)
+    skipped = set()
+    for node in ast.parse(source).body:
+        taken = False
+        while isinstance(node, ast.If) and is_profile_test(node.test):
+            here = not taken and node.test.comparators[0].value == profile
+            taken = taken or here
+            if not here:
+                skipped.update(lines_of(node.body))
+            if len(node.orelse) == 1 and isinstance(node.orelse[0], ast.If) and is_profile_test(node.orelse[0].test):
+                node = node.orelse[0]
+                continue
+            if node.orelse and taken:
+                skipped.update(lines_of(node.orelse))
+            break
+    return skipped
 
 
 def read_summary(output):
