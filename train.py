@@ -57,6 +57,10 @@ SEED = 42
 
 # Architecture (size and batch follow, per device)
 N_LOOPS = 1                   # the stack of blocks runs this many times with shared weights (a looped transformer)
+LOOP_CONDITIONING = "gates"   # gates: per-channel gates of each extra loop; loopformer: LoopFormer's time conditioning
+LOOP_ROUTING = "none"         # none, or mor: each loop after the first runs only on the tokens a causal router takes
+MOR_CAPACITY = (1.0, 0.5)     # mor: most tokens each loop may take, a fraction per loop (the first always 1.0)
+MOR_AUX_WEIGHT = 0.1          # mor: weight of (mean router probability - capacity)^2, MoR's token-choice balancing's
 
 # Size and batch, the one per-platform choice (prepare.py picks the profile). gpu: the reference baseline, so an
 # H100 run compares with its published val_bpb 0.9979; DEVICE_BATCH_SIZE shrinks to what fits a smaller card.
@@ -91,6 +95,7 @@ else:
 # ---------------------------------------------------------------------------
 # attention(q, k, v, window): q (B, T, H, D), k and v (B, T, Hkv, D) with H a multiple of Hkv; causal, and
 # query t sees keys t-window..t (FlashAttention-3's window_size=(window, 0)); window >= T-1 is full context.
+# SDPA alone also takes a boolean mask as the window (True = attend): the rows a MoR loop gathers (Router).
 
 FA3 = None             # flash_attn_interface module, set by pick_attention when the kernel loads
 FLEX = flex_attention  # compiled by prepare_attention on CUDA (eager Flex is an unfused O(T^2) fallback)
@@ -113,7 +118,9 @@ def attention_sdpa(q, k, v, window):
     T = q.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
-    if window >= T - 1:  # full context: is_causal keeps the fused kernels
+    if isinstance(window, torch.Tensor):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window, enable_gqa=gqa)
+    elif window >= T - 1:  # full context: is_causal keeps the fused kernels
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         t = torch.arange(T, device=q.device)
@@ -211,6 +218,7 @@ def pick_attention(device):
 
 VE_GATE_CHANNELS = 32  # leading channels of x that drive the value-embedding gate
 SOFTCAP = 15.0         # logits = SOFTCAP * tanh(logits / SOFTCAP)
+TIME_FEATURES = 32     # loopformer: sinusoid features of t and dt; LoopFormer's 256 barely differ for t in [0, 1)
 
 
 @dataclass
@@ -223,6 +231,9 @@ class GPTConfig:
     n_embd: int = 256
     window_pattern: str = "SSSL"
     n_loops: int = 1
+    loop_conditioning: str = "gates"  # gates or loopformer
+    loop_routing: str = "none"        # none or mor
+    mor_capacity: tuple = (1.0, 0.5)  # mor: the most tokens each loop may take, a fraction of the sequence
     attention: str = "sdpa"  # a key of ATTENTION_BACKENDS
 
 
@@ -232,7 +243,19 @@ def model_config(depth, vocab_size, attention="sdpa"):
     n_head = model_dim // HEAD_DIM
     return GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN, n_loops=N_LOOPS,
+                     loop_conditioning=LOOP_CONDITIONING, loop_routing=LOOP_ROUTING, mor_capacity=MOR_CAPACITY,
                      attention=attention)
+
+
+def check_loops(config):
+    if config.loop_conditioning not in ("gates", "loopformer") or config.loop_routing not in ("none", "mor"):
+        raise SystemExit(f"LOOP_CONDITIONING = {config.loop_conditioning!r}, LOOP_ROUTING = {config.loop_routing!r}: "
+                         "use gates or loopformer, and none or mor")
+    capacity = config.mor_capacity
+    if config.loop_routing == "mor" and not (isinstance(capacity, (tuple, list)) and len(capacity) == config.n_loops
+                                             and capacity[0] == 1 and all(0 < c <= 1 for c in capacity)):
+        raise SystemExit(f"MOR_CAPACITY = {capacity!r}: give N_LOOPS = {config.n_loops} fractions in (0, 1], "
+                         "the first 1.0 (the first loop runs every token)")
 
 
 def norm(x):
@@ -255,6 +278,12 @@ def layer_windows(config):
     windows = [{"L": full, "S": half}[pattern[i % len(pattern)]] for i in range(config.n_layer)]
     windows[-1] = full
     return windows
+
+
+def sinusoid(t, dim):
+    """DiT's timestep features of t (N,): cos and sin of t times dim/2 frequencies from 1 down to 1e-4."""
+    angles = t[:, None] * 1e4 ** -(torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 def rotary_tables(seq_len, head_dim, dtype, device, base=10000):
@@ -293,7 +322,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view_as(v)
         q = norm(apply_rotary(q, cos, sin))
         k = norm(apply_rotary(k, cos, sin))
-        y = self.attend(q, k, v, window)
+        y = (self.attend if isinstance(window, int) else attention_sdpa)(q, k, v, window)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -307,23 +336,56 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
+class Router(nn.Module):
+    """Mixture-of-Recursions routing (arXiv 2507.10524) for one loop, made causal for training and evaluation alike:
+    MoR's expert-choice top-k over the sequence lets later tokens decide whether an earlier one runs. Here each
+    token chooses (token-choice, MoR's other variant) under a causal cap: it is taken when its logit is >= 0, the
+    loop before took it, and fewer than k = ceil(capacity * T) tokens before it were taken."""
+
+    def __init__(self, n_embd, capacity):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_embd))  # zero: every token starts wanting the loop
+        self.capacity = capacity
+
+    def rows(self, T):
+        return math.ceil(round(self.capacity * T, 6))  # rounded first: 0.7 * 10 is 7.000000000000001
+
+    def forward(self, x, selected):
+        """(taken (B, T), order (B, k): the taken tokens in position order, then untaken ones as padding,
+        sigmoid of the logits (B, T))."""
+        T, k = x.size(1), self.rows(x.size(1))
+        logits = norm(x) @ self.weight
+        wants = (logits >= 0) & selected
+        taken = wants & (wants.cumsum(dim=1) <= k)
+        position = torch.arange(T, device=x.device)
+        order = torch.where(taken, position, position + T).argsort(dim=1)[:, :k]
+        return taken, order, torch.sigmoid(logits)
+
+
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
-        # looped model: per-channel gates of the attention and MLP branches from the loop's embedding (LoopFormer,
-        # arXiv 2602.11451, minimally); zero-initialised, so every extra loop starts as the identity
-        self.loop_gate = nn.Linear(config.n_embd, 2 * config.n_embd, bias=False) if config.n_loops > 1 else None
+        # looped model, gates: per-channel gates of the attention and MLP branches from the loop's embedding
+        # (LoopFormer, arXiv 2602.11451, minimally); zero-initialised, so every extra loop starts as the identity.
+        # loopformer: its adaLN-Zero, gates and input scales of both branches from the loop's time (GPT.conditions)
+        loopformer = config.loop_conditioning == "loopformer"
+        self.loop_gate = (nn.Linear(config.n_embd, (4 if loopformer else 2) * config.n_embd, bias=loopformer)
+                          if config.n_loops > 1 else None)
 
-    def forward(self, x, ve, cos, sin, window, gates=(1.0, 1.0)):
-        x = x + gates[0] * self.attn(norm(x), ve, cos, sin, window)
-        return x + gates[1] * self.mlp(norm(x))
+    def forward(self, x, ve, cos, sin, window, condition=None):
+        # this loop's gates of both branches and, under loopformer, scales of their inputs (0 otherwise)
+        gates = (1.0, 1.0) if condition is None else self.loop_gate(condition).split(x.size(-1))
+        g_attn, g_mlp, s_attn, s_mlp = (*gates, 0.0, 0.0)[:4]
+        x = x + g_attn * self.attn(norm(x) * (1 + s_attn), ve, cos, sin, window)
+        return x + g_mlp * self.mlp(norm(x) * (1 + s_mlp))
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        check_loops(config)
         self.config = config
         self.window_sizes = layer_windows(config)
         head_dim = config.n_embd // config.n_head
@@ -333,7 +395,15 @@ class GPT(nn.Module):
         n_applied = config.n_layer * config.n_loops  # a looped layer gets its own scalars on every loop
         self.resid_lambdas = nn.Parameter(torch.ones(n_applied))   # scale the residual stream per layer
         self.x0_lambdas = nn.Parameter(torch.zeros(n_applied))     # mix the embedding back in per layer
-        self.loop_embeds = nn.ParameterList(torch.zeros(config.n_embd) for _ in range(config.n_loops - 1))
+        loopformer = config.loop_conditioning == "loopformer" and config.n_loops > 1
+        self.loop_embeds = nn.ParameterList(torch.zeros(config.n_embd) for _ in range(config.n_loops - 1)
+                                            if not loopformer)
+        # loopformer: embedders of the loop's time t and step dt (DiT's: sinusoid features, Linear, SiLU, Linear)
+        self.time_embeds = nn.ModuleList(nn.Sequential(nn.Linear(TIME_FEATURES, config.n_embd), nn.SiLU(),
+                                                       nn.Linear(config.n_embd, config.n_embd))
+                                         for _ in range(2 if loopformer else 0))
+        self.routers = nn.ModuleList(Router(config.n_embd, c) for c in config.mor_capacity[1:]
+                                     if config.loop_routing == "mor")
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * head_dim)
                                            for i in range(config.n_layer) if has_ve(i, config.n_layer)})
         cos, sin = rotary_tables(config.sequence_len, head_dim, torch.float32, None)
@@ -350,15 +420,26 @@ class GPT(nn.Module):
         for block in self.blocks:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(linear.weight, -bound, bound)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            # zero projections start every block as the identity; LoopFormer's zero gates do that already, and a
+            # zero gate on a zero projection is a saddle no gradient leaves: there they draw, as in its paper
+            for projection in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                if self.time_embeds:
+                    nn.init.uniform_(projection, -bound, bound)
+                else:
+                    nn.init.zeros_(projection)
             for gate in (block.attn.ve_gate, block.loop_gate):
                 if gate is not None:
-                    nn.init.zeros_(gate.weight)
+                    for p in gate.parameters():  # weight, and bias under loopformer
+                        nn.init.zeros_(p)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -bound, bound)
         for loop_embed in self.loop_embeds:  # last, so the shared weights draw what N_LOOPS = 1 draws
             nn.init.normal_(loop_embed, std=1.0)
+        for linear in (m for m in self.time_embeds.modules() if isinstance(m, nn.Linear)):
+            nn.init.uniform_(linear.weight, -(3 / linear.in_features) ** 0.5, (3 / linear.in_features) ** 0.5)
+            nn.init.zeros_(linear.bias)
+        for router in self.routers:
+            nn.init.zeros_(router.weight)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.zero_()
         self.x0_lambdas[:self.config.n_layer] = 0.1  # 0 on extra loops keeps them the identity at first
@@ -374,30 +455,86 @@ class GPT(nn.Module):
         x = x0 = norm(self.wte(idx))
         n_layer = self.config.n_layer
         ves = [self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None for i in range(n_layer)]
-        for loop in range(self.config.n_loops):  # rotary positions, value embeddings and x0 the same every loop
-            for i, block in enumerate(self.blocks):
-                j = loop * n_layer + i
-                x = self.resid_lambdas[j] * x + self.x0_lambdas[j] * x0
-                gates = (1.0, 1.0) if loop == 0 else block.loop_gate(norm(self.loop_embeds[loop - 1])).chunk(2)
-                x = block(x, ves[i], cos, sin, self.window_sizes[i], gates)
+        taken, aux_loss = torch.ones_like(idx, dtype=torch.bool), 0.0
+        for loop, condition in enumerate(self.conditions()):  # rotary, value embeddings and x0 the same every loop
+            if loop == 0 or not self.routers:
+                x = self.recursion(x, x0, ves, cos, sin, self.window_sizes, loop, condition)
+            else:
+                x, taken, capacity_miss = self.routed_recursion(x, x0, ves, loop, condition, taken)
+                aux_loss = aux_loss + MOR_AUX_WEIGHT * capacity_miss
         logits = self.lm_head(norm(x)).float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=reduction)
+        return loss + aux_loss if reduction == "mean" else loss  # the training loss; evaluate_bpb's stays pure
+
+    def conditions(self):
+        """Per loop, the vector every block's loop_gate reads (None: ungated). gates: the loop's embedding, from the
+        second loop on; loopformer: SiLU(c) on every loop, c = TimeEmb(t) + DtEmb(dt), t = loop / N_LOOPS and
+        dt = 1 / N_LOOPS (its uniform trajectory)."""
+        if not self.time_embeds:
+            return [None] + [norm(loop_embed) for loop_embed in self.loop_embeds]
+        n = self.config.n_loops
+        t = torch.arange(n, device=self.cos.device) / n
+        time_embed, step_embed = self.time_embeds
+        c = time_embed(sinusoid(t, TIME_FEATURES)) + step_embed(sinusoid(torch.full_like(t, 1 / n), TIME_FEATURES))
+        return list(F.silu(c))
+
+    def recursion(self, x, x0, ves, cos, sin, windows, loop, condition):
+        """One pass of the shared blocks; `loop` picks the per-layer scalars."""
+        for i, block in enumerate(self.blocks):
+            j = loop * self.config.n_layer + i
+            x = self.resid_lambdas[j] * x + self.x0_lambdas[j] * x0
+            x = block(x, ves[i], cos, sin, windows[i], condition)
+        return x
+
+    def routed_recursion(self, x, x0, ves, loop, condition, selected):
+        """A MoR loop: the blocks run on the k rows per sequence that its router gathers, each with its own rotary
+        position, value embedding and x0, attending causally by position within its window; only taken rows are
+        written back, so an untaken token's state passes bit for bit. Returns (x, taken, capacity miss)."""
+        router = self.routers[loop - 1]
+        taken, order, probability = router(x, selected)
+
+        def gather(t):
+            return t.gather(1, order[..., None].expand(-1, -1, t.size(-1)))
+
+        rows, k = gather(x), order.size(1)
+        causal = torch.ones(k, k, dtype=torch.bool, device=x.device).tril()  # padding slots follow all taken ones
+        offset = order[:, :, None] - order[:, None, :]
+        masks = {w: (causal & (offset <= w))[:, None] for w in set(self.window_sizes)}
+        update = self.recursion(rows, gather(x0), [ve if ve is None else gather(ve) for ve in ves],
+                                self.cos[0, order], self.sin[0, order], [masks[w] for w in self.window_sizes],
+                                loop, condition)
+        p = gather(probability[..., None])
+        update = update + (update - rows) * (p - p.detach())  # straight-through: value exact, gradient to the router
+        kept = torch.where(taken.gather(1, order)[..., None], update, rows)  # padding slots: their own old state
+        x = x.scatter(1, order[..., None].expand_as(rows), kept)
+        return x, taken, (probability.float().mean() - router.capacity) ** 2
 
     def num_flops_per_token(self):
         """Training FLOPs per token: 6 per weight that multiplies a token (embedding lookups and the per-loop gates
-        excluded), plus attention; the blocks count once per loop."""
+        excluded), plus attention; the blocks count once per loop. A routed loop counts what it runs: its router on
+        every token, the blocks on k of T rows, attention over all k of them (masked SDPA)."""
         block_matmuls = sum(p.numel() for name, p in self.blocks.named_parameters() if "loop_gate" not in name)
-        head_dim = self.config.n_embd // self.config.n_head
+        width = self.config.n_head * (self.config.n_embd // self.config.n_head)
         T = self.config.sequence_len
-        attention = sum(12 * self.config.n_head * head_dim * min(w + 1, T) for w in self.window_sizes)
-        return 6 * self.lm_head.weight.numel() + self.config.n_loops * (6 * block_matmuls + attention)
+        attention = sum(12 * width * min(w + 1, T) for w in self.window_sizes)
+        unrouted = self.config.n_loops - len(self.routers)
+        flops = 6 * self.lm_head.weight.numel() + unrouted * (6 * block_matmuls + attention)
+        for router in self.routers:
+            k = router.rows(T)
+            flops += 6 * self.config.n_embd + k / T * (6 * block_matmuls + 12 * width * k * self.config.n_layer)
+        return flops
+
+    def matrix_layers(self):
+        """Every Linear but the head: the blocks' and LoopFormer's time embedders'."""
+        return [m for m in self.modules() if isinstance(m, nn.Linear) and m is not self.lm_head]
 
     def setup_optimizer(self, orth_dtype=torch.bfloat16, compile=False):
-        """AdamW for embeddings, head and scalars; MATRIX_OPTIMIZER for every block matrix, one group per shape."""
+        """AdamW for embeddings, head, scalars, routers and biases; MATRIX_OPTIMIZER for the weights of
+        matrix_layers (loop gates included), one group per shape."""
         if MATRIX_OPTIMIZER not in MATRIX_RULES and MATRIX_OPTIMIZER != "adamw":
             raise SystemExit(f"MATRIX_OPTIMIZER = {MATRIX_OPTIMIZER!r}: use one of {', '.join(MATRIX_RULES)}, adamw")
         lr_scale = (self.config.n_embd / 768) ** -0.5  # the Adam lrs were tuned at width 768
@@ -408,8 +545,11 @@ class GPT(nn.Module):
             dict(adam, params=list(self.value_embeds.parameters()), lr=EMBEDDING_LR * lr_scale),
             dict(adam, params=[self.resid_lambdas], lr=SCALAR_LR * 0.01),
             dict(adam, params=[self.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
+            dict(adam, params=[r.weight for r in self.routers], lr=UNEMBEDDING_LR * lr_scale),  # one-logit heads
+            # LoopFormer's biases, at the lr of the weights they sit beside
+            dict(adam, params=[m.bias for m in self.matrix_layers() if m.bias is not None], lr=MATRIX_LR),
         ]
-        matrices = [p for p in self.blocks.parameters() if p.ndim == 2]
+        matrices = [m.weight for m in self.matrix_layers()]
         if MATRIX_OPTIMIZER == "adamw":
             groups.append(dict(adam, params=matrices, lr=MATRIX_LR, weight_decay=WEIGHT_DECAY))
         else:
@@ -560,17 +700,22 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 @torch.no_grad()
 def input_second_moments(model, idx):
-    """{weight: X^T X / N of its input} for every block matrix over one forward of idx, averaged over the
-    loops that apply it: Newton-Muon's statistics."""
-    sums, hooks = {}, []
+    """{weight: X^T X / N of its input} for every weight of model.matrix_layers() over one forward of idx, averaged
+    over the loops that apply it: Newton-Muon's statistics. In a routed loop only the rows of taken tokens count."""
+    sums, routed_rows = {}, []
     def record(module, args, output):
-        x = args[0].reshape(-1, args[0].size(-1)).float()
+        x = args[0]
+        if routed_rows and x.dim() == 3:  # the blocks' rows of a routed loop, padding slots left out
+            x = x[routed_rows[-1]]
+        x = x.reshape(-1, x.size(-1)).float()
+        if not len(x):  # a routed loop that took no token
+            return
         with torch.autocast(x.device.type, enabled=False):  # float32 statistics under a bf16 forward too
             total, calls = sums.get(module.weight, (0.0, 0))
             sums[module.weight] = (total + x.T @ x / len(x), calls + 1)
-    for module in model.blocks.modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(record))
+    hooks = [module.register_forward_hook(record) for module in model.matrix_layers()]
+    hooks += [router.register_forward_hook(lambda router, args, out: routed_rows.append(out[0].gather(1, out[1])))
+              for router in model.routers]  # out: taken, order, probability
     try:
         model(idx)
     finally:
