@@ -3,7 +3,8 @@ is tiny and trains for a few seconds (AUTORESEARCH_TIME_BUDGET), against rows an
 
 The baseline's embeddings and block matrices learn nothing (their learning rates 0), so an experiment that turns
 one of them back on gains about 0.4 in val_bpb, far beyond the σ given (0.05, 3σ = 0.15; two seeds differ by about
-0.03 here), and is kept; two such experiments give a combined run. Checks: the rows, their ids
+0.03 here), and is kept; two such experiments give a combined run; freezing the head as well loses as much
+and is discarded. Checks: the rows, their ids
 and statuses; a crashing experiment logged as `crash` with 0.000000; each keep/discard recomputed from the rows by
 program.md's rule; the combined run; analysis.ipynb reading the result; Ctrl-C in the middle, then a resume with 2
 workers: no row twice, no experiment run twice, a clean tree; bad plans stopped with one line before anything runs.
@@ -50,9 +51,9 @@ description = "embedding lr back on"
 edits = { EMBEDDING_LR = 0.6 }
 
 [[experiment]]
-id = "SEED"
-description = "another seed"
-edits = { SEED = 7 }
+id = "HEAD-OFF"
+description = "unembedding lr off too"
+edits = { UNEMBEDDING_LR = 0.0 }
 """
 
 
@@ -171,11 +172,11 @@ def test_rows_ids_statuses_and_commits(finished):
                           text=True).stdout.strip()
     assert base == subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert base.startswith(rows[0]["commit"])
-    ids = ["MAT-LR", "BROKEN", "EMB-LR", "SEED"]
+    ids = ["MAT-LR", "BROKEN", "EMB-LR", "HEAD-OFF"]
     assert {r["description"].split()[0] for r in rows} == {"baseline", "combined", *ids}
     base_source = train_of(repo, base)
     for eid, edit in (("MAT-LR", {"MATRIX_LR": "0.04"}), ("EMB-LR", {"EMBEDDING_LR": "0.6"}),
-                      ("SEED", {"SEED": "7"}), ("BROKEN", {"MATRIX_OPTIMIZER": "'nonsense'"})):
+                      ("HEAD-OFF", {"UNEMBEDDING_LR": "0.0"}), ("BROKEN", {"MATRIX_OPTIMIZER": "'nonsense'"})):
         commits = {r["commit"] for r in rows if r["description"].split()[0] == eid}
         assert len(commits) == 1, eid  # one commit per experiment, a re-run on the same one
         commit = commits.pop()
@@ -202,6 +203,7 @@ def test_decisions_follow_the_noise_rule(finished):
     expected = expected_decisions([r for r in rows if not r["description"].startswith("combined")], SIGMA)
     assert {k: v for k, v in final.items() if k not in ("baseline", "combined")} == expected
     assert expected["MAT-LR"] == expected["EMB-LR"] == "keep"  # the plan's gains are far beyond σ
+    assert expected["HEAD-OFF"] == "discard" and expected["BROKEN"] == "crash"
     for r in rows:  # the re-run row carries the mean of the two runs
         mean = re.search(r"\(re-run; mean ([0-9.]+)\)$", r["description"])
         if mean:
