@@ -206,14 +206,19 @@ def run_commit(repo, path, commit, log, env):
             LIVE.discard(proc)
     text = Path(log).read_text(errors="replace")
     summary = runs.read_summary(text)
-    device = re.search(r"^device:\s+\w+ \((.*)\)$", text, re.M)
     crash = None
     if timed_out:
         crash = f"timeout after {RUN_TIMEOUT} s"
     elif "val_bpb" not in summary:
         lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
         crash = (lines[-1] if lines else f"exit {proc.returncode}, no output")[:120].replace("\t", " ")
-    return dict(summary=summary, hardware=device.group(1) if device else None, crash=crash)
+    return dict(summary=summary, hardware=hardware(text), crash=crash)
+
+
+def hardware(text):
+    """The hardware of a run's start-up line `device:    cpu (AMD EPYC, 2 threads)`, or None."""
+    found = re.search(r"^device:\s+\w+ \((.*)\)$", text, re.M)
+    return found.group(1) if found else None
 
 
 def stop(proc):
@@ -408,8 +413,7 @@ class Campaign:
             fail(f"the baseline crashed in an earlier run (see {self.dir / 'baseline.log'}): fix it, then use "
                  "another --tag")
         text = (self.dir / "baseline.log").read_text(errors="replace") if (self.dir / "baseline.log").exists() else ""
-        label = platform_label(dict(summary=runs.read_summary(text), hardware=(re.search(
-            r"^device:\s+\w+ \((.*)\)$", text, re.M) or [None, None])[1]))
+        label = platform_label(dict(summary=runs.read_summary(text), hardware=hardware(text)))
         return float(done[0]["val_bpb"] if done else result["summary"]["val_bpb"]), label
 
     def sigma(self, best, label):
