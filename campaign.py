@@ -42,7 +42,7 @@ from pathlib import Path
 
 from bench import runs
 
-RUN_TIMEOUT = 600    # seconds before a run is stopped and counted as a crash (program.md's `timeout 600`)
+RUN_TIMEOUT = 900    # seconds before a run is stopped and counted as a crash (program.md's `timeout 900`)
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 RESERVED_IDS = {"baseline", "combined"}
 SIGMA_SEEDS = (43, 44)  # program.md's two re-runs of the baseline when σ is not in its table
@@ -103,6 +103,11 @@ def load_plan(path):
     if not experiments:
         fail(f"{path}: no experiments: add [[experiment]] tables")
     return name, experiments
+
+
+def next_seed(source):
+    """One more than train.py's SEED: the re-run's other random draws."""
+    return int(re.search(r"^SEED = (\d+)", source, flags=re.M).group(1)) + 1
 
 
 def edited_source(source, exp, profile):
@@ -417,13 +422,13 @@ class Campaign:
         return float(done[0]["val_bpb"] if done else result["summary"]["val_bpb"]), label
 
     def sigma(self, best, label):
-        """σ: --sigma, else program.md's table for this platform (one worker only: parallel runs share cores),
-        else measured as program.md says, from the baseline and two re-runs with SEEDs 43 and 44."""
+        """σ: --sigma, else program.md's table for this platform (its label names the threads a run had), else
+        measured as program.md says, from the baseline and two re-runs with SEEDs 43 and 44."""
         if self.sigma_given is not None:
             return self.sigma_given, "--sigma"
         program = git("show", f"{self.baseline}:program.md", cwd=self.repo)
         table = sigma_from_table(program, label)
-        if table is not None and (self.workers == 1 or label[1] != "cpu"):
+        if table is not None:
             return table, f"program.md's table for {', '.join(map(str, label))}"
         values = [best]
         def rerun(seed):
@@ -441,23 +446,21 @@ class Campaign:
                 if row["status"] == "crash":
                     fail(f"{row['description']} crashed: σ cannot be measured; see the logs in {self.dir}")
                 values.append(float(row["val_bpb"]))
-        why = "not in program.md's table" if table is None else f"{self.workers} workers share the CPU"
-        return statistics.stdev(values), f"measured over the baseline and SEEDs 43, 44 ({why})"
+        return statistics.stdev(values), "measured over the baseline and SEEDs 43, 44 (not in program.md's table)"
 
     def experiment(self, exp, best, sigma):
         """Run one experiment to its decision (the re-run included) unless results.tsv has it; returns (status,
-        value it is judged by, commit)."""
+        value it is judged by, commit). The re-run is a commit on top with SEED one higher, as in program.md: on a
+        CPU the same commit would give nearly the same val_bpb again."""
         commit = commit_edit(self.repo, self.tag, exp["id"], self.baseline, exp["source"],
                              f"{exp['id']}: {exp['description'] or 'campaign experiment'}\n\n" +
                              "\n".join(f"{k} = {v}" for k, v in exp["edits"].items()))
         description = f"{exp['id']} {exp['description']}".strip()
         rows = rows_of(read_rows(self.results), commit)
-        final = [r for r in rows if not r["description"].endswith("(within noise)")]
-        if final:  # decided before: judged by its run, or by the mean of its two
-            status = final[-1]["status"]
-            value = None if status == "crash" else round(statistics.mean(float(r["val_bpb"]) for r in rows), 6)
-            return status, value, commit
-        if rows:  # the first run was within noise: only its re-run is left
+        if rows and not rows[0]["description"].endswith("(within noise)"):  # decided before by its one run
+            status = rows[0]["status"]
+            return status, None if status == "crash" else float(rows[0]["val_bpb"]), commit
+        if rows:  # the first run was within noise: only its re-run may be left
             first = float(rows[0]["val_bpb"])
         else:
             result = self.run(commit, exp["id"])
@@ -470,14 +473,22 @@ class Campaign:
                 self.log(commit, result, decision, description)
                 return decision, first, commit
             self.log(commit, result, "discard", f"{description} (within noise)")
-        result = self.run(commit, f"{exp['id']}-rerun")
+        seed = next_seed(exp["source"])
+        rerun = commit_edit(self.repo, self.tag, f"{exp['id']}-rerun", commit,
+                            runs.edit_constants(exp["source"], {"SEED": str(seed)}),
+                            f"{exp['id']}: re-run, SEED {seed}")
+        done = rows_of(read_rows(self.results), rerun)
+        if done:
+            status, second = done[0]["status"], done[0]["val_bpb"]
+            return status, None if status == "crash" else rescreen(best, first, float(second), sigma)[1], rerun
+        result = self.run(rerun, f"{exp['id']}-rerun")
         if result["crash"]:
-            self.log(commit, result, "crash", f"{description} (re-run; {result['crash']})")
-            return "crash", None, commit
+            self.log(rerun, result, "crash", f"{description} (re-run; {result['crash']})")
+            return "crash", None, rerun
         status, mean = rescreen(best, first, float(result["summary"]["val_bpb"]), sigma)
-        self.log(commit, result, status, f"{description} (re-run; mean {mean:.6f})" if status == "keep"
+        self.log(rerun, result, status, f"{description} (re-run; mean {mean:.6f})" if status == "keep"
                  else f"{description} (re-run)")
-        return status, mean, commit
+        return status, mean, rerun
 
     def combined(self, outcomes, best, sigma):
         """The kept experiments' edits together, one more row; where two set one constant, the better one's

@@ -51,10 +51,14 @@ import torch
 # (cpu also serves Apple MPS) keep evaluation to a few percent of the budget on a 2-core machine. cpu-bf16 has the
 # same metric as cpu; it exists because a CPU with AMX trains in bf16 at 4-7x the fp32 speed, and train.py gives
 # it other defaults, so its results must never mix with cpu's.
+# CPU_FLOPS: a CPU's budget is work, TIME_BUDGET seconds at this many FLOP/s (as step_flops counts them), so a
+# run's steps never depend on the machine's load or speed. cpu: what its default did on the 2-core AMD EPYC of
+# bench/results/noise-AMD-EPYC-2-threads-*.json (~195 counted steps in 300 s); cpu-bf16: issue 18's AMX Xeon ran
+# the reference's small config at ~200 steps in 300 s, so its default gets the same.
 PROFILES = {
-    "gpu": dict(MAX_SEQ_LEN=2048, EVAL_TOKENS=40 * 524288),
-    "cpu": dict(MAX_SEQ_LEN=256, EVAL_TOKENS=256 * 1024),
-    "cpu-bf16": dict(MAX_SEQ_LEN=256, EVAL_TOKENS=256 * 1024),
+    "gpu": dict(MAX_SEQ_LEN=2048, EVAL_TOKENS=40 * 524288, CPU_FLOPS=None),
+    "cpu": dict(MAX_SEQ_LEN=256, EVAL_TOKENS=256 * 1024, CPU_FLOPS=7.5e10),
+    "cpu-bf16": dict(MAX_SEQ_LEN=256, EVAL_TOKENS=256 * 1024, CPU_FLOPS=3.6e11),
 }
 
 def cpu_flags():
@@ -82,6 +86,7 @@ def choose_profile():
 PROFILE, PROFILE_REASON = choose_profile()
 MAX_SEQ_LEN = PROFILES[PROFILE]["MAX_SEQ_LEN"]  # context length
 EVAL_TOKENS = PROFILES[PROFILE]["EVAL_TOKENS"]  # validation tokens scored by evaluate_bpb
+CPU_FLOPS = PROFILES[PROFILE]["CPU_FLOPS"]      # FLOP/s a CPU's budget is counted at (None: gpu)
 TIME_BUDGET = 300                                # training time budget in seconds
 if os.environ.get("AUTORESEARCH_TIME_BUDGET"):
     try:
@@ -728,6 +733,22 @@ def make_dataloader(tokenizer, B, T, split, device="cpu", buffer_size=1000):
         pair = pair.to(device, non_blocking=(device.type == "cuda"))  # only CUDA copies from pinned memory
         yield pair[0], pair[1], epoch
     raise item
+
+# ---------------------------------------------------------------------------
+# Work: what a CPU's budget counts
+# ---------------------------------------------------------------------------
+
+def step_flops(model, x, y):
+    """FLOPs of one forward and backward of model(x, y) as torch's FlopCounterMode counts them: matmuls and
+    attention, whatever the model's code. Counted here, not by train.py's formula, so the budget stays honest
+    when the model changes. Leaves no gradients."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    # the CPU's fused attention kernel is invisible to the counter; the math one does the same products
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 # ---------------------------------------------------------------------------
 # Evaluation: the fixed metric. DO NOT CHANGE.

@@ -21,8 +21,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-# OpenMP threads waiting at a barrier spin 1,000 rounds before sleeping, not libgomp's default 300,000: as fast on
-# a quiet CPU, and a busy neighbour no longer inflates the CPU time that the budget counts (bench/noise.py --load)
+# OpenMP threads waiting at a barrier spin 1,000 rounds before sleeping, not libgomp's default 300,000: 2% slower
+# on a quiet CPU, but a busy neighbour no longer costs 41% more CPU time per step (bench/noise.py --load)
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # read when torch loads libgomp
 
 import torch
@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (MAX_SEQ_LEN, PROFILE, PROFILE_REASON, TIME_BUDGET, Tokenizer, dataset_label, evaluate_bpb,
-                     make_dataloader)
+from prepare import (CPU_FLOPS, MAX_SEQ_LEN, PROFILE, PROFILE_REASON, TIME_BUDGET, Tokenizer, dataset_label,
+                     evaluate_bpb, make_dataloader, step_flops)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters: edit these directly (no CLI flags)
@@ -988,13 +988,13 @@ def pick_micro_batch(device, try_rows):
                      "model smaller (DEPTH, ASPECT_RATIO, N_LOOPS)")
 
 
-def pick_clock(device):
-    """(clock the time budget counts, why). An accelerator is not shared, so wall time; a CPU is, and other
-    programs would turn into fewer steps: there the budget counts this process's CPU time per thread."""
-    if device != "cpu":
-        return time.perf_counter, "wall clock"
-    threads = torch.get_num_threads()
-    return (lambda: time.process_time() / threads), f"CPU time of this process / {threads} threads"
+def budget_unit(device):
+    """What the time budget counts. An accelerator is not shared, so wall time. A CPU is, and its speed also drifts
+    between runs on a VM host (quiet 300 s runs took 191-209 steps): there the budget counts work, every step
+    costing its FLOPs (prepare.step_flops) at CPU_FLOPS, so the steps depend on the model alone."""
+    if device == "cpu":
+        return f"work, each step's FLOPs counted at {CPU_FLOPS / 1e9:g} GFLOP/s (prepare.py's CPU_FLOPS)"
+    return "wall clock"
 
 
 def peak_memory_mb(device):
@@ -1025,10 +1025,9 @@ def describe():
     print(f"attention: {attention} ({why})")
     compile_model, compile_optimizer, why = pick_compile(device)
     print(f"compile:   {why}")
-    clock, why = pick_clock(device)
-    print(f"budget:    {TIME_BUDGET:g}s of {why}")
+    print(f"budget:    {TIME_BUDGET:g}s of {budget_unit(device)}")
     print(f"profile:   {PROFILE} ({PROFILE_REASON}), dataset {dataset}, context {MAX_SEQ_LEN}")
-    return dataset, device, dtype, attention, compile_model, compile_optimizer, clock
+    return dataset, device, dtype, attention, compile_model, compile_optimizer
 
 # ---------------------------------------------------------------------------
 # Schedules, driven by progress = training time / budget
@@ -1068,7 +1067,7 @@ def update_schedules(optimizer, step, progress):
 
 def main():
     t_start = time.time()
-    dataset, device, dtype, attention, compile_model, compile_optimizer, clock = describe()
+    dataset, device, dtype, attention, compile_model, compile_optimizer = describe()
     tokenizer = Tokenizer.from_directory()
     torch.manual_seed(SEED)
 
@@ -1096,11 +1095,18 @@ def main():
     print(f"batch:     {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {rows} x {MAX_SEQ_LEN} ({why})")
     train_loader = make_dataloader(tokenizer, rows, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
+    step_seconds = None  # what a step costs against the budget; None: its wall time
+    if device == "cpu":
+        with autocast:  # FLOPs are per row (all but the loop gates' few): one row is counted, in little memory
+            flops = step_flops(model, x[:1], y[:1]) * rows * grad_accum_steps
+        step_seconds = flops / CPU_FLOPS
+        print(f"work:      {flops / 1e9:.1f} GFLOP/step = {step_seconds:.3f}s of the budget: "
+              f"{11 + math.ceil(TIME_BUDGET / step_seconds)} steps")
 
     step, training_seconds, smooth_loss = 0, 0.0, 0.0
     while True:
         synchronize(device)
-        t0, c0 = time.time(), clock()
+        t0 = time.time()
         for _ in range(grad_accum_steps):
             with autocast:
                 loss = train_model(x, y)
@@ -1121,7 +1127,7 @@ def main():
         synchronize(device)
         dt = time.time() - t0
         if step > 10:  # the first steps include compilation and warm-up
-            training_seconds += clock() - c0
+            training_seconds += dt if step_seconds is None else step_seconds
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         tokens_per_second = TOTAL_BATCH_SIZE / dt

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import port_speed
 import prepare
 import runs
 import train
@@ -150,7 +151,7 @@ def append_record(path, record):
 def mixing(records, context, budgets):
     """Why `records` cannot share a table with runs in `context` at `budgets`, or None."""
     for r in records:
-        other = {k: r[k] for k in context if r[k] != context[k]}
+        other = {k: r.get(k) for k in context if r.get(k) != context[k]}
         if r["budget"] not in budgets:
             other["budget"] = r["budget"]
         if other:
@@ -175,11 +176,12 @@ def run_one(s, args, context, log):
                   wall_seconds=round(wall, 1))
     if "val_bpb" not in summary:
         return dict(record, status="crash", error=last_error_line(output))
-    seconds, tokens_m = float(summary["training_seconds"]), float(summary["total_tokens_M"])
+    tokens_m, steps = float(summary["total_tokens_M"]), int(summary["num_steps"])
+    ms, _ = port_speed.step_ms(output)  # wall time: on a CPU training_seconds counts work
     return dict(record, status="ok", profile=summary["profile"], dataset=summary["dataset"],
-                precision=summary["precision"], val_bpb=float(summary["val_bpb"]), num_steps=int(summary["num_steps"]),
-                training_seconds=seconds, total_tokens_M=tokens_m, tokens_per_second=tokens_m * 1e6 / seconds,
-                summary=summary)
+                precision=summary["precision"], val_bpb=float(summary["val_bpb"]), num_steps=steps,
+                training_seconds=float(summary["training_seconds"]), total_tokens_M=tokens_m,
+                tokens_per_second=tokens_m * 1e6 / steps / (ms / 1000), summary=summary)
 
 # ---------------------------------------------------------------------------
 # Tables
@@ -308,9 +310,9 @@ def markdown(records, context, args, jsonl):
         "val_bpb: mean ± sample std over seeds, n finished runs. vs: the mean minus the reference cell's; * when "
         f"the difference exceeds {MARK_STDS}x the pooled std of the two cells (their variances pooled by degrees "
         "of freedom), i.e. is larger than the measured spread; never marked with fewer than 3 runs in the two. "
-        "steps: fewest-most over the runs. tokens/s: total_tokens_M / training_seconds of each summary, averaged "
-        "(the tokens include the 11 warm-up steps the seconds leave out). crashed: each crashed run's last error "
-        "line."]
+        "steps: fewest-most over the runs. tokens/s: a step's tokens over its median wall time after the 11th, "
+        "averaged over the runs (a CPU's training_seconds count work, not time). crashed: each crashed run's last "
+        "error line."]
     return "\n".join([f"# `bench/looped.py` on {context['machine']}", "",
                       *(line for text in prose for line in (textwrap.fill(text, 116), "")),
                       *sweep_table(records, args.sweep_budget),
@@ -406,7 +408,8 @@ def main():
     device, machine = train.pick_device()
     dtype, _ = train.pick_dtype(device)
     context = dict(machine=machine, profile=prepare.PROFILE, dataset=prepare.dataset_label(),
-                   precision="bf16" if dtype == torch.bfloat16 else "fp32", edits=args.edits)
+                   precision="bf16" if dtype == torch.bfloat16 else "fp32", edits=args.edits,
+                   budget_unit=train.budget_unit(device))
     out = Path(args.out) if args.out else RESULTS / f"looped-{runs.slug(machine)}.md"
     jsonl = out.with_suffix(".runs.jsonl")
     records = load_records(jsonl)

@@ -286,7 +286,7 @@ def test_looped_bench_smallest_run_resumes(stdlib_cache, tmp_path):
         float(s["val_bpb"]), int(s["num_steps"]), float(s["training_seconds"]), float(s["total_tokens_M"]))
     assert (r["profile"], r["dataset"], r["precision"]) == (s["profile"], s["dataset"], s["precision"])
     assert r["edits"]["DEPTH"] == "2" and r["machine"]
-    speed = float(s["total_tokens_M"]) * 1e6 / float(s["training_seconds"])
+    speed = float(s["total_tokens_M"]) * 1e6 / int(s["num_steps"]) / (port_speed.step_ms(log.read_text())[0] / 1000)
     assert speed > 0
     md = out.read_text()
     assert md.startswith(f"# `bench/looped.py` on {r['machine']}\n")
@@ -399,3 +399,11 @@ def test_looped_tables_from_stored_runs(tmp_path):
     assert ref_newton[3:6] == ["1.5600 ± 0.0141", "2", "reference"]
     assert tuned[3:6] == ["1.5000 ± 0.0000", "2", "-0.0600 *"]  # pooled sqrt(0.0002 / 2) = 0.01
     assert "| gates | newton_muon | 0.08 | 1.5600 ± 0.0141 |" in md
+
+
+def test_looped_refuses_runs_of_another_budget_unit():
+    """Runs from before a CPU's budget counted work (no budget_unit) never share a table with runs after it."""
+    context = dict(machine="m", profile="cpu", dataset="d", precision="fp32", edits={}, budget_unit="work, ...")
+    before = {k: v for k, v in context.items() if k != "budget_unit"}
+    assert "budget_unit None" in looped.mixing([dict(before, budget=300.0)], context, {300.0})
+    assert looped.mixing([dict(context, budget=300.0)], context, {300.0}) is None
