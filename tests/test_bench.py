@@ -7,7 +7,7 @@ The bench scripts, each with its smallest arguments, on a prepared stdlib cache:
 - bench/optimizers.py in-process with a smaller model (its fixed model, compiled six times, takes minutes here);
 - bench/cpu_defaults.py and bench/port_speed.py, whose runs train for minutes: their candidates, plan and parsing
   against hand-computed values; bench/noise.py's plan and statistics likewise; bench/runs.py's helpers;
-- bench/looped.py: in tests/test_bench_looped.py (a file of its own, so that both run at once);
+- bench/looped.py: in tests/test_bench_looped.py;
 - bad arguments of every script stop with one line naming the fix, before any work (in-process, on an empty cache).
 
 Run: uv run pytest tests/test_bench.py      (about 3-5 minutes on 2 cores, most of it the device check's dry run)

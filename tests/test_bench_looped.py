@@ -1,8 +1,7 @@
 """
 bench/looped.py: a one-run sweep and grid of a tiny model (its tables against the run's own summary; a second
 invocation runs nothing), a crashing run (stored, shown, not retried; another --edit refused in the same file), and
-its tables (mean ± std, marks), statistics and plan from hand-made runs against hand-computed values. Its own file
-so that pytest-xdist runs it beside tests/test_bench.py.
+its tables (mean ± std, marks), statistics and plan from hand-made runs against hand-computed values.
 
 Run: uv run pytest tests/test_bench_looped.py
 """
