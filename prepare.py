@@ -13,6 +13,7 @@ tokenizer; the last one prepared is the active one that train.py and evaluate_bp
 """
 
 import argparse
+import atexit
 import bisect
 import errno
 import hashlib
@@ -713,26 +714,46 @@ def pack_rows(documents, B, T, buffer_size=1000):
 
 def make_dataloader(tokenizer, B, T, split, device="cpu", buffer_size=1000):
     """Infinite (inputs, targets, epoch) batches of contiguous (B, T) tensors on `device`, targets shifted by one.
-    Packing runs on a background thread a few batches ahead, so the accelerator never waits for it."""
+    Packing runs on a background thread a few batches ahead, so the accelerator never waits for it. The thread
+    stops when the loader is closed and before the interpreter exits: a daemon thread caught inside a torch op at
+    exit is ended by pthread_exit, which can abort the process (a run that had exited 1 was once seen to die of
+    SIGABRT, "terminate called without an active exception")."""
     assert split in ("train", "val"), split
     device = torch.device(device)
     docs = iter_documents(token_files(split), tokenizer.get_bos_token_id())
-    batches = queue.Queue(maxsize=4)
+    batches, stop = queue.Queue(maxsize=4), threading.Event()
+    def put(item):  # waits for room, but gives up once stopped: nobody will read the queue again
+        while not stop.is_set():
+            try:
+                return batches.put(item, timeout=0.1)
+            except queue.Full:
+                pass
     def produce():
         try:
             for rows, epoch in pack_rows(docs, B, T, buffer_size):
+                if stop.is_set():
+                    return
                 rows = torch.from_numpy(rows)
                 pair = torch.stack((rows[:, :-1], rows[:, 1:]))  # contiguous, as the reference's: .view(-1) works
-                batches.put((pair.pin_memory() if device.type == "cuda" else pair, epoch))
-            batches.put(RuntimeError(f"the {split} split has no documents: run `uv run prepare.py` again"))
+                put((pair.pin_memory() if device.type == "cuda" else pair, epoch))
+            put(RuntimeError(f"the {split} split has no documents: run `uv run prepare.py` again"))
         except BaseException as e:  # hand any failure to the consumer instead of leaving it waiting forever
-            batches.put(e)
-    threading.Thread(target=produce, daemon=True).start()
-    while not isinstance(item := batches.get(), BaseException):
-        pair, epoch = item
-        pair = pair.to(device, non_blocking=(device.type == "cuda"))  # only CUDA copies from pinned memory
-        yield pair[0], pair[1], epoch
-    raise item
+            put(e)
+    producer = threading.Thread(target=produce, name=f"{split} loader", daemon=True)
+    def halt():
+        stop.set()
+        producer.join(timeout=10)
+    atexit.register(halt)  # atexit runs while daemon threads still run normally, before finalization
+    producer.start()
+    try:
+        while not isinstance(item := batches.get(), BaseException):
+            pair, epoch = item
+            pair = pair.to(device, non_blocking=(device.type == "cuda"))  # only CUDA copies from pinned memory
+            yield pair[0], pair[1], epoch
+        raise item
+    finally:
+        atexit.unregister(halt)
+        halt()
 
 # ---------------------------------------------------------------------------
 # Work: what a CPU's budget counts

@@ -179,6 +179,33 @@ def test_loader_cycles_epochs(tiny):
     assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
 
 
+def test_loader_thread_stops_when_the_loader_is_closed(tiny):
+    tok, _ = tiny
+    before = set(threading.enumerate())
+    loader = prepare.make_dataloader(tok, 2, 16, "train")
+    next(loader)
+    (producer,) = set(threading.enumerate()) - before
+    time.sleep(0.3)
+    assert producer.is_alive()  # a few batches ahead, waiting for room in its queue
+    loader.close()
+    assert not producer.is_alive()
+
+
+def test_loader_thread_is_stopped_before_the_interpreter_exits(tiny_cache):
+    """A loader still open at exit: its thread must be gone before finalization, which would otherwise end it
+    wherever it is (inside a torch op, pthread_exit can abort the process). atexit runs its functions last
+    registered first, so `report` runs after the loader's own."""
+    code = ("import atexit, sys, threading, prepare\n"
+            "atexit.register(lambda: print('alive:', [t.name for t in threading.enumerate() if 'loader' in t.name]))\n"
+            "loader = prepare.make_dataloader(prepare.Tokenizer.from_directory(), 2, 16, 'train')\n"
+            "next(loader)\n"
+            "sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "AUTORESEARCH_CACHE": str(tiny_cache[0])})
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "alive: []", result.stdout
+
+
 def test_loader_failure_reaches_consumer(tiny, tmp_path, monkeypatch):
     tok, _ = tiny
     files = prepare.token_files("train")
