@@ -5,6 +5,7 @@ import argparse
 import ast
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,8 +81,13 @@ def run_train(edits=None, env=None, timeout=900, log=None):
         path = Path(tmp) / "train.py"
         path.write_text(source)
         t0 = time.time()
-        result = subprocess.run([sys.executable, str(path)], cwd=REPO, capture_output=True, text=True,
-                                timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+        # SIGTERM raises here as Ctrl-C does, so subprocess.run kills the run instead of leaving it orphaned
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            result = subprocess.run([sys.executable, str(path)], cwd=REPO, capture_output=True, text=True,
+                                    timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     output = result.stdout + result.stderr
     if log:
         Path(log).write_text(output)

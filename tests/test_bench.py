@@ -19,8 +19,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,34 @@ def test_runs_helpers():
             check(bad)
     with pytest.raises(argparse.ArgumentTypeError):
         runs.at_least(0.1, float)("nan")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
+def test_run_train_stops_its_run_when_terminated():
+    """SIGTERM to a bench script (a `kill`, a stopped job) must not leave its train.py running for minutes."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import runs; "
+            "runs.run_train({'SEED': \"__import__('time').sleep(600) or 42\"})")  # a run that hangs at import
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    child = None
+    try:
+        for _ in range(600):
+            if children.exists() and children.read_text().split():
+                child = int(children.read_text().split()[0])
+                break
+            time.sleep(0.1)
+        assert child, "run_train started no train.py"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) != 0
+        for _ in range(100):  # killed, it is reaped by run_train or, orphaned, by init
+            if not Path(f"/proc/{child}").exists():
+                break
+            time.sleep(0.1)
+        assert not Path(f"/proc/{child}").exists(), "train.py outlived its bench script"
+    finally:
+        for pid in (parent.pid, child):
+            if pid and Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
 
 # ---------------------------------------------------------------------------
 # Bad arguments
