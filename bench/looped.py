@@ -446,4 +446,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (bench/runs.py): the run in progress is killed, not stored
+        raise SystemExit("\nstopped: every finished run is stored; the same command resumes") from None

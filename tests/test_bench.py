@@ -207,32 +207,43 @@ def test_runs_helpers():
         runs.at_least(0.1, float)("nan")
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
-def test_run_train_stops_its_run_when_terminated():
-    """SIGTERM to a bench script (a `kill`, a stopped job) must not leave its train.py running for minutes."""
-    code = ("import sys; sys.path.insert(0, 'bench'); import runs; "
-            "runs.run_train({'SEED': \"__import__('time').sleep(600) or 42\"})")  # a run that hangs at import
-    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
-    child = None
+HANGING = "__import__('time').sleep(600) or 42"  # a constant's value that hangs train.py at import
+
+
+def terminate_mid_run(command, cache):
+    """Run `command` and SIGTERM it once it has started train.py; its (exit code, output), after checking that the
+    train.py did not outlive it (Linux /proc lists a process's children)."""
+    parent = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "AUTORESEARCH_CACHE": str(cache), "PYTHON": sys.executable})
+    children, child = Path(f"/proc/{parent.pid}/task/{parent.pid}/children"), None
     try:
-        for _ in range(600):
-            if children.exists() and children.read_text().split():
-                child = int(children.read_text().split()[0])
+        for _ in range(1200):
+            pids = children.read_text().split() if children.exists() else []
+            child = next((int(pid) for pid in pids if b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()), None)
+            if child or parent.poll() is not None:
                 break
             time.sleep(0.1)
-        assert child, "run_train started no train.py"
+        assert child, "no train.py started"
         parent.send_signal(signal.SIGTERM)
-        assert parent.wait(timeout=60) != 0
-        for _ in range(100):  # killed, it is reaped by run_train or, orphaned, by init
+        output = parent.communicate(timeout=60)[0]
+        for _ in range(100):  # killed, it is reaped by its parent or, orphaned, by init
             if not Path(f"/proc/{child}").exists():
                 break
             time.sleep(0.1)
         assert not Path(f"/proc/{child}").exists(), "train.py outlived its bench script"
+        return parent.returncode, output
     finally:
         for pid in (parent.pid, child):
             if pid and Path(f"/proc/{pid}").exists():
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
+def test_run_train_stops_its_run_when_terminated(tmp_path):
+    """SIGTERM to a bench script (a `kill`, a stopped job) must not leave its train.py running for minutes."""
+    code = f"import sys; sys.path.insert(0, 'bench'); import runs; runs.run_train({{'SEED': {HANGING!r}}})"
+    returncode, _ = terminate_mid_run([sys.executable, "-c", code], tmp_path)
+    assert returncode != 0
 
 # ---------------------------------------------------------------------------
 # Bad arguments

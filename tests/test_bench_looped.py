@@ -10,10 +10,11 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
-from test_bench import TINY, run  # it puts bench/ on sys.path
+from test_bench import HANGING, TINY, run, terminate_mid_run  # it puts bench/ on sys.path
 import looped  # noqa: E402
 import port_speed  # noqa: E402
 
@@ -64,6 +65,19 @@ def test_looped_bench_smallest_run_resumes(stdlib_cache, tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "sweep: 0 runs to run" in again.stdout and "grid: 0 runs to run" in again.stdout, again.stdout
     assert (jsonl.read_bytes(), out.read_text()) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
+def test_looped_bench_stopped_mid_run_says_so_and_stores_nothing(stdlib_cache, tmp_path):
+    """SIGTERM while a run trains (here: hangs at import): that run is killed, not stored, and the script says the
+    same command resumes, in one line instead of a traceback."""
+    out = tmp_path / "looped.md"
+    returncode, output = terminate_mid_run(
+        [sys.executable, "bench/looped.py", "--archs", "plain", "--seeds", "42", *LOOPED_TINY, "--edit",
+         f"WARMUP_RATIO={HANGING}", "--out", str(out), "--logs", str(tmp_path)], stdlib_cache)
+    assert returncode == 1 and output.rstrip().endswith("the same command resumes"), output
+    assert "Traceback" not in output, output
+    assert not out.with_suffix(".runs.jsonl").exists()
 
 
 def test_looped_bench_stores_a_crash_once(stdlib_cache, tmp_path):
