@@ -41,9 +41,12 @@ TINY = ["--edit", "DEPTH=2", "--edit", "ASPECT_RATIO=32", "--edit", "HEAD_DIM=32
         "TOTAL_BATCH_SIZE=2**11", "--edit", "DEVICE_BATCH_SIZE=8"]
 
 
+def bench_env(cache, **env):
+    return {**os.environ, "AUTORESEARCH_CACHE": str(cache), "PYTHON": sys.executable, **env}
+
+
 def run(args, cache, timeout=900, **env):
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "AUTORESEARCH_CACHE": str(cache), "PYTHON": sys.executable, **env})
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=bench_env(cache, **env))
 
 
 def run_main(script, args, monkeypatch):
@@ -208,13 +211,14 @@ def test_runs_helpers():
 
 
 HANGING = "__import__('time').sleep(600) or 42"  # a constant's value that hangs train.py at import
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
 
 
 def terminate_mid_run(command, cache):
     """Run `command` and SIGTERM it once it has started train.py; its (exit code, output), after checking that the
     train.py did not outlive it (Linux /proc lists a process's children)."""
     parent = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**os.environ, "AUTORESEARCH_CACHE": str(cache), "PYTHON": sys.executable})
+                              env=bench_env(cache))
     children, child = Path(f"/proc/{parent.pid}/task/{parent.pid}/children"), None
     try:
         for _ in range(1200):
@@ -238,7 +242,7 @@ def terminate_mid_run(command, cache):
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
+@needs_proc
 def test_run_train_stops_its_run_when_terminated(tmp_path):
     """SIGTERM to a bench script (a `kill`, a stopped job) must not leave its train.py running for minutes."""
     code = f"import sys; sys.path.insert(0, 'bench'); import runs; runs.run_train({{'SEED': {HANGING!r}}})"

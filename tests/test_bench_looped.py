@@ -10,11 +10,10 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_bench import HANGING, TINY, run, terminate_mid_run  # it puts bench/ on sys.path
+from test_bench import HANGING, TINY, needs_proc, run, terminate_mid_run  # it puts bench/ on sys.path
 import looped  # noqa: E402
 import port_speed  # noqa: E402
 
@@ -67,7 +66,7 @@ def test_looped_bench_smallest_run_resumes(stdlib_cache, tmp_path):
     assert (jsonl.read_bytes(), out.read_text()) == before
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
+@needs_proc
 def test_looped_bench_stopped_mid_run_says_so_and_stores_nothing(stdlib_cache, tmp_path):
     """SIGTERM while a run trains (here: hangs at import): that run is killed, not stored, and the script says the
     same command resumes, in one line instead of a traceback."""

@@ -194,7 +194,7 @@ def test_loader_thread_stops_when_the_loader_is_closed(tiny):
 def test_loader_thread_is_stopped_before_the_interpreter_exits(tiny_cache):
     """A loader still open at exit: its thread must be gone before finalization, which would otherwise end it
     wherever it is (inside a torch op, pthread_exit can abort the process). atexit runs its functions last
-    registered first, so `report` runs after the loader's own."""
+    registered first, so the printing hook runs after the loader's own."""
     code = ("import atexit, sys, threading, prepare\n"
             "atexit.register(lambda: print('alive:', [t.name for t in threading.enumerate() if 'loader' in t.name]))\n"
             "loader = prepare.make_dataloader(prepare.Tokenizer.from_directory(), 2, 16, 'train')\n"
