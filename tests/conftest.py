@@ -1,6 +1,7 @@
 """Shared fixtures: the built-in stdlib dataset, prepared once per test session into a temporary cache."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell starts a background job (`pytest &`, nohup) with SIGINT ignored, and every child inherits that: the tests
+# that Ctrl-C launch.py or campaign.py would wait forever. A handler here makes each child start with SIGINT's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
