@@ -48,8 +48,9 @@ stamp "device check$([ $DRY = 1 ] && echo ' (dry run)'): $("$PY" -c 'import torc
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 
 stamp "1+2. CUDA tests, beside the micro-batch under simulated 24 and 40 GB cards"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py --junitxml "$OUT/tests.xml" \
-    > "$OUT/tests.log" 2>&1 &
+# -o addopts=: pyproject.toml's addopts ask for pytest-xdist, which the device's python3 lacks
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -o addopts= -p no:cacheprovider tests/test_cuda.py \
+    --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1 &
 TESTS=$!
 timeout "$TEST_TIMEOUT" "$PY" bench/gpu.py "${GPU_ARGS[@]}" --backends flex --memory-gb 24,40 --out "$OUT/memory.json" \
     > "$OUT/memory.log" 2>&1

@@ -128,8 +128,10 @@ def copy_tree(dest):
 
 def run_tests(tree, args, timeout):
     """(passed, exit code, the output's tail); a run past `timeout` counts as failed (code None)."""
-    with subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args], cwd=tree,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:
+    # -n 0: no xdist workers (pyproject.toml adds two) for a selection from one file
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *args]
+    with subprocess.Popen(command, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
         try:
             output = proc.communicate(timeout=timeout)[0]
         except subprocess.TimeoutExpired:  # a mutated loop may never end: stop the tests and what they started

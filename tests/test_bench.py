@@ -60,7 +60,8 @@ def run_main(script, args, monkeypatch):
 
 def test_device_check_dry_run_writes_every_step(stdlib_cache, tmp_path):
     out = tmp_path / "out"
-    result = run(["bash", "bench/device_check.sh", "--dry-run"], stdlib_cache, OUT=str(out))
+    result = run(["bash", "bench/device_check.sh", "--dry-run"], stdlib_cache, OUT=str(out),
+                 PYTEST_ADDOPTS="-p no:xdist")  # as on the device machine: pytest without pytest-xdist
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "device_check.json").read_text())
     assert report["tests"]["tests"] > 0 and report["tests"]["failed"] == [], report["tests"]
