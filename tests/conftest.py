@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parent.parent
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# Every process that compiles checks each SIMD instruction set inductor may use by starting a python that imports
+# torch: ~2.5 s a check, up to 6 of them on an AVX-512 CPU, in each of the suite's ~20 train.py runs. This skips
+# the base check of each (inductor's kernels build against torch's vector headers); the bf16 and VNNI checks remain.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
+
 
 @pytest.fixture(scope="session")
 def stdlib_cache(tmp_path_factory):
