@@ -1,7 +1,7 @@
 """Matrix optimizers on plain and looped transformers at the real budget: train.py's six matrix optimizers on four
 architectures, each optimizer at its best lr from a short sweep, two seeds or more per cell; then Newton-Muon's
 preconditioner refresh interval and EMA on the looped architectures. Tables of val_bpb (mean ± std over seeds),
-steps and tokens/s.
+steps, tokens/s and wall time.
 
     uv run bench/looped.py --dry-run          # the plan: what is stored, what would run
     uv run bench/looped.py                    # all of it: ~10 hours on 2 cores; the same command resumes
@@ -203,14 +203,15 @@ def is_default_newton(r):
 
 
 def cell(records):
-    """val_bpb over the finished runs of one cell: n, mean, sample std (None below 2 runs), steps, tokens/s;
-    and the crashed runs' error lines."""
+    """val_bpb over the finished runs of one cell: n, mean, sample std (None below 2 runs), steps, tokens/s, wall
+    seconds; and the crashed runs' error lines."""
     ok = [r for r in records if r["status"] == "ok"]
     bpbs = [r["val_bpb"] for r in ok]
     return dict(n=len(ok), mean=statistics.mean(bpbs) if ok else None,
                 std=statistics.stdev(bpbs) if len(ok) > 1 else None,
                 steps=(min(r["num_steps"] for r in ok), max(r["num_steps"] for r in ok)) if ok else None,
                 tokens_per_second=statistics.mean(r["tokens_per_second"] for r in ok) if ok else None,
+                wall=statistics.mean(r["wall_seconds"] for r in ok) if ok else None,
                 crashes=[r["error"] for r in records if r["status"] == "crash"])
 
 
@@ -233,16 +234,16 @@ def versus(c, ref):
 
 
 def cell_columns(c, ref):
-    """| val_bpb | n | vs | steps | tokens/s | crashed | of one cell."""
+    """| val_bpb | n | vs | steps | tokens/s | wall s | crashed | of one cell."""
     if not c["n"]:
-        bpb, steps, speed = "-", "-", "-"
+        bpb, steps, speed, wall = "-", "-", "-", "-"
     else:
         bpb = f"{c['mean']:.4f}" + (f" ± {c['std']:.4f}" if c["std"] is not None else "")
         low, high = c["steps"]
         steps = f"{low}" if low == high else f"{low}-{high}"
-        speed = f"{c['tokens_per_second']:,.0f}"
+        speed, wall = f"{c['tokens_per_second']:,.0f}", f"{c['wall']:,.0f}"
     crashed = "; ".join(c["crashes"]) if c["crashes"] else ""
-    return f"{bpb} | {c['n']} | {versus(c, ref)} | {steps} | {speed} | {crashed} |"
+    return f"{bpb} | {c['n']} | {versus(c, ref)} | {steps} | {speed} | {wall} | {crashed} |"
 
 
 def section(title, columns, rows, note=None):
@@ -269,7 +270,7 @@ def sweep_table(records, sweep_budget):
 
 
 def cell_header(reference):
-    return ["val_bpb", "n", f"vs {reference}", "steps", "tokens/s", "crashed"]
+    return ["val_bpb", "n", f"vs {reference}", "steps", "tokens/s", "wall s", "crashed"]
 
 
 def grid_table(records, budget, lrs):
@@ -311,8 +312,11 @@ def markdown(records, context, args, jsonl):
         f"the difference exceeds {MARK_STDS}x the pooled std of the two cells (their variances pooled by degrees "
         "of freedom), i.e. is larger than the measured spread; never marked with fewer than 3 runs in the two. "
         "steps: fewest-most over the runs. tokens/s: a step's tokens over its median wall time after the 11th, "
-        "averaged over the runs (a CPU's training_seconds count work, not time). crashed: each crashed run's last "
-        "error line."]
+        "averaged over the runs. wall s: a run's whole wall time, averaged over the runs, compilation and "
+        "evaluation included. On a CPU the budget counts the model's FLOPs, not time, so an optimizer's own work "
+        "costs wall time but no steps: optimizers and Newton-Muon's refresh intervals compare at equal steps. The "
+        "orthogonalisation's cost shows in tokens/s; a refresh's, which the median step leaves out, only in wall s. "
+        "Other work on the machine inflates both. crashed: each crashed run's last error line."]
     return "\n".join([f"# `bench/looped.py` on {context['machine']}", "",
                       *(line for text in prose for line in (textwrap.fill(text, 116), "")),
                       *sweep_table(records, args.sweep_budget),

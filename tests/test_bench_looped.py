@@ -105,12 +105,12 @@ def test_looped_bench_stores_a_crash_once(stdlib_cache, tmp_path):
 
 
 def test_looped_cells_marks_and_plan():
-    rows = [dict(status="ok", val_bpb=b, num_steps=n, tokens_per_second=t)
-            for b, n, t in ((1.0, 10, 100.0), (1.4, 12, 300.0), (1.2, 11, 200.0))]
+    rows = [dict(status="ok", val_bpb=b, num_steps=n, tokens_per_second=t, wall_seconds=w)
+            for b, n, t, w in ((1.0, 10, 100.0, 50.0), (1.4, 12, 300.0, 70.0), (1.2, 11, 200.0, 90.0))]
     c = looped.cell(rows + [dict(status="crash", error="boom")])
     # deviations -0.2, 0.2, 0: sample variance 0.08 / 2
     assert (c["n"], c["steps"], c["crashes"]) == (3, (10, 12), ["boom"])
-    assert (c["mean"], c["std"], c["tokens_per_second"]) == pytest.approx((1.2, 0.2, 200.0))
+    assert (c["mean"], c["std"], c["tokens_per_second"], c["wall"]) == pytest.approx((1.2, 0.2, 200.0, 70.0))
     ref = dict(n=2, mean=1.0, std=0.1)
     assert looped.pooled_std(c, ref) == pytest.approx(((2 * 0.2**2 + 1 * 0.1**2) / 3) ** 0.5)  # 0.173
     assert looped.versus(c, ref) == "+0.2000"  # within 2 x 0.173
@@ -143,22 +143,22 @@ def test_looped_tables_from_stored_runs(tmp_path):
     crash's line, nothing of a run at another lr; the Newton-Muon table compares with train.py's values."""
     default = (looped.train.NEWTON_REFRESH_STEPS, looped.train.NEWTON_EMA)
 
-    def rec(arch, optimizer, lr, seed, budget, bpb, newton=None, steps=200, speed=5000.0):
+    def rec(arch, optimizer, lr, seed, budget, bpb, newton=None, steps=200, speed=5000.0, wall=400.0):
         newton = newton or (default if optimizer == "newton_muon" else (None, None))
         return dict(arch=arch, optimizer=optimizer, lr=lr, seed=seed, budget=budget, refresh=newton[0],
                     ema=newton[1], date="2026-12-01T10:00:00", status="ok", val_bpb=bpb, num_steps=steps,
-                    tokens_per_second=speed)
+                    tokens_per_second=speed, wall_seconds=wall)
     sweep = [rec("gates", "normuon", lr, 42, 100.0, b) for lr, b in ((0.04, 1.70), (0.08, 1.65), (0.16, 1.68))]
     sweep += [rec("gates", "adamw", 0.016, 42, 100.0, 1.80), rec("gates", "newton_muon", 0.08, 42, 100.0, 1.75)]
     crash = dict(rec("gates", "adamw", 0.016, 43, 300.0, None), status="crash", error="FAIL: loss nan at step 7")
     grid = [rec("plain", "normuon", 0.08, 42, 300.0, 1.60, steps=200, speed=5000.0),
-            rec("plain", "normuon", 0.08, 43, 300.0, 1.62, steps=204, speed=5100.0),
+            rec("plain", "normuon", 0.08, 43, 300.0, 1.62, steps=204, speed=5100.0, wall=1000.0),
             rec("gates", "normuon", 0.08, 42, 300.0, 1.50), rec("gates", "normuon", 0.08, 43, 300.0, 1.51),
             rec("gates", "normuon", 0.16, 44, 300.0, 0.10),  # another lr: not in the table
             rec("gates", "adamw", 0.016, 42, 300.0, 1.62), crash,
             rec("gates", "newton_muon", 0.08, 42, 300.0, 1.55), rec("gates", "newton_muon", 0.08, 43, 300.0, 1.57),
-            rec("gates", "newton_muon", 0.08, 42, 300.0, 1.50, (4, 0.5)),
-            rec("gates", "newton_muon", 0.08, 43, 300.0, 1.50, (4, 0.5))]
+            rec("gates", "newton_muon", 0.08, 42, 300.0, 1.50, (4, 0.5), wall=600.0),
+            rec("gates", "newton_muon", 0.08, 43, 300.0, 1.50, (4, 0.5), wall=650.0)]
     context = dict(machine="a CPU, 2 threads", profile="cpu", dataset="stdlib-x", precision="fp32", edits={})
     args = argparse.Namespace(budget=300.0, sweep_budget=100.0)
     md = looped.markdown(sweep + grid, context, args, tmp_path / "looped.runs.jsonl")
@@ -166,16 +166,17 @@ def test_looped_tables_from_stored_runs(tmp_path):
     assert md_row(md, "| adamw |") == ["adamw", "**0.016: 1.8000**"]
     # plain normuon 1.60, 1.62: mean 1.61, std 0.02 / sqrt(2) = 0.0141
     assert md_row(md, "| plain | normuon |") == ["plain", "normuon", "0.08", "1.6100 ± 0.0141", "2", "reference",
-                                                 "200-204", "5,050", ""]
+                                                 "200-204", "5,050", "700", ""]
     # 1.50, 1.51: std 0.0071; pooled with the reference sqrt((0.02^2 / 2 + 0.01^2 / 2) / 2) = 0.0112, 2x < 0.105
     assert md_row(md, "| gates | normuon |") == ["gates", "normuon", "0.08", "1.5050 ± 0.0071", "2", "-0.1050 *",
-                                                 "200", "5,000", ""]
+                                                 "200", "5,000", "400", ""]
     # one run: pooled = the reference's own std, 0.0141; 0.01 is within 2x
     assert md_row(md, "| gates | adamw |") == ["gates", "adamw", "0.016", "1.6200", "1", "+0.0100", "200", "5,000",
-                                               "FAIL: loss nan at step 7"]
+                                               "400", "FAIL: loss nan at step 7"]
     ref_newton, tuned = md_row(md, f"| gates | {default[0]} | {default[1]:g} |"), md_row(md, "| gates | 4 | 0.5 |")
     assert ref_newton[3:6] == ["1.5600 ± 0.0141", "2", "reference"]
     assert tuned[3:6] == ["1.5000 ± 0.0000", "2", "-0.0600 *"]  # pooled sqrt(0.0002 / 2) = 0.01
+    assert tuned[8] == "625" and ref_newton[8] == "400"  # a refresh's cost shows in wall time alone
     assert "| gates | newton_muon | 0.08 | 1.5600 ± 0.0141 |" in md
 
 
