@@ -57,7 +57,7 @@ def test_looped_bench_smallest_run_resumes(stdlib_cache, tmp_path):
     assert md.startswith(f"# `bench/looped.py` on {r['machine']}\n")
     assert md_row(md, "| normuon |") == ["normuon", f"**{lr:g}: {float(s['val_bpb']):.4f}**"]
     assert md_row(md, "| gates | normuon |") == ["gates", "normuon", f"{lr:g}", f"{float(s['val_bpb']):.4f}", "1",
-                                                 "-", s["num_steps"], f"{speed:,.0f}", ""]
+                                                 "-", s["num_steps"], f"{speed:,.0f}", f"{r['wall_seconds']:,.0f}", ""]
 
     before = jsonl.read_bytes(), md
     again = run(command, stdlib_cache)
