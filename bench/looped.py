@@ -215,25 +215,26 @@ def cell(records):
                 crashes=[r["error"] for r in records if r["status"] == "crash"])
 
 
-def pooled_std(a, b):
-    """The two cells' sample variances pooled by their degrees of freedom; None with fewer than 3 runs in all."""
-    dof = a["n"] + b["n"] - 2
-    if a["n"] < 1 or b["n"] < 1 or dof < 1:
-        return None
-    return math.sqrt(((a["n"] - 1) * (a["std"] or 0) ** 2 + (b["n"] - 1) * (b["std"] or 0) ** 2) / dof)
+def pooled_std(cells):
+    """The sample variances of the cells with 2 runs or more, pooled by their degrees of freedom: the seed spread
+    of one machine and budget, taken as the same in every cell (two runs alone give a std of one degree of freedom,
+    often far too small); None with no such cell."""
+    cells = [c for c in cells if c["n"] > 1]
+    dof = sum(c["n"] - 1 for c in cells)
+    return math.sqrt(sum((c["n"] - 1) * c["std"] ** 2 for c in cells) / dof) if dof else None
 
 
-def versus(c, ref):
-    """c's mean minus ref's, marked * when beyond MARK_STDS pooled stds; '-' when either has no run."""
+def versus(c, ref, spread):
+    """c's mean minus ref's, marked * when beyond MARK_STDS x spread; '-' when either has no run."""
     if c is ref:
         return "reference"
     if not c["n"] or not ref or not ref["n"]:
         return "-"
-    diff, pooled = c["mean"] - ref["mean"], pooled_std(c, ref)
-    return f"{diff:+.4f}" + (" *" if pooled is not None and abs(diff) > MARK_STDS * pooled else "")
+    diff = c["mean"] - ref["mean"]
+    return f"{diff:+.4f}" + (" *" if spread is not None and abs(diff) > MARK_STDS * spread else "")
 
 
-def cell_columns(c, ref):
+def cell_columns(c, ref, spread):
     """| val_bpb | n | vs | steps | tokens/s | wall s | crashed | of one cell."""
     if not c["n"]:
         bpb, steps, speed, wall = "-", "-", "-", "-"
@@ -243,7 +244,7 @@ def cell_columns(c, ref):
         steps = f"{low}" if low == high else f"{low}-{high}"
         speed, wall = f"{c['tokens_per_second']:,.0f}", f"{c['wall']:,.0f}"
     crashed = "; ".join(c["crashes"]) if c["crashes"] else ""
-    return f"{bpb} | {c['n']} | {versus(c, ref)} | {steps} | {speed} | {wall} | {crashed} |"
+    return f"{bpb} | {c['n']} | {versus(c, ref, spread)} | {steps} | {speed} | {wall} | {crashed} |"
 
 
 def section(title, columns, rows, note=None):
@@ -273,17 +274,17 @@ def cell_header(reference):
     return ["val_bpb", "n", f"vs {reference}", "steps", "tokens/s", "wall s", "crashed"]
 
 
-def grid_table(records, budget, lrs):
+def grid_table(records, budget, lrs, spread):
     cells = {(a, o): cell([r for r in records if r["arch"] == a and r["optimizer"] == o and r["lr"] == lrs[o]
                            and r["budget"] == budget and is_default_newton(r)])
              for a in ARCHS for o in LRS if o in lrs}
-    rows = [f"| {a} | {o} | {lrs[o]:g} | {cell_columns(c, cells.get(REFERENCE))}" for (a, o), c in cells.items()
+    rows = [f"| {a} | {o} | {lrs[o]:g} | {cell_columns(c, cells.get(REFERENCE), spread)}" for (a, o), c in cells.items()
             if c["n"] or c["crashes"]]
     return section(f"Optimizer x architecture: {budget:g} s per run, each optimizer at its sweep's lr",
                    ["architecture", "optimizer", "lr", *cell_header(" ".join(REFERENCE))], rows)
 
 
-def newton_table(records, budget, lrs):
+def newton_table(records, budget, lrs, spread):
     default, rows = (train.NEWTON_REFRESH_STEPS, train.NEWTON_EMA), []
     for a in ARCHS:
         mine = [r for r in records if r["arch"] == a and a != "plain" and r["optimizer"] == "newton_muon"
@@ -291,7 +292,7 @@ def newton_table(records, budget, lrs):
         cells = {p: cell([r for r in mine if (r["refresh"], r["ema"]) == p])
                  for p in sorted({(r["refresh"], r["ema"]) for r in mine})}
         if len(cells) > 1:  # the grid's run alone is no comparison
-            rows += [f"| {a} | {refresh} | {ema:g} | {cell_columns(c, cells.get(default))}"
+            rows += [f"| {a} | {refresh} | {ema:g} | {cell_columns(c, cells.get(default), spread)}"
                      for (refresh, ema), c in cells.items()]
     return section(f"Newton-Muon: NEWTON_REFRESH_STEPS x NEWTON_EMA on the looped architectures, {budget:g} s per run",
                    ["architecture", "refresh", "EMA", *cell_header(f"{default[0]}, {default[1]:g}")], rows)
@@ -299,6 +300,14 @@ def newton_table(records, budget, lrs):
 
 def markdown(records, context, args, jsonl):
     lrs = best_lrs(records, args.sweep_budget)
+    settings = {}
+    for r in records:
+        if r["budget"] == args.budget:
+            settings.setdefault((r["arch"], r["optimizer"], r["lr"], r["refresh"], r["ema"]), []).append(r)
+    cells = [cell(group) for group in settings.values()]
+    spread = pooled_std(cells)
+    spread_text = (f"{spread:.4f} from {sum(c['n'] > 1 for c in cells)} cells" if spread is not None else
+                   "none yet: no cell has 2 runs, so nothing is marked")
     finished = sum(r["status"] == "ok" for r in records)
     dates = sorted(r["date"][:10] for r in records)
     archs = "; ".join(f"{a} {', '.join(f'{k} = {v}' for k, v in edits.items())}" for a, edits in ARCHS.items())
@@ -309,8 +318,9 @@ def markdown(records, context, args, jsonl):
         f"every run. Architectures: {archs}; the rest as train.py has it. The sweep's lrs are multiples of "
         "bench/optimizers.py's.",
         "val_bpb: mean ± sample std over seeds, n finished runs. vs: the mean minus the reference cell's; * when "
-        f"the difference exceeds {MARK_STDS}x the pooled std of the two cells (their variances pooled by degrees "
-        "of freedom), i.e. is larger than the measured spread; never marked with fewer than 3 runs in the two. "
+        f"the difference exceeds {MARK_STDS}x the seed spread, i.e. is larger than the measured spread: the std "
+        f"of every {args.budget:g} s cell of 2 runs or more, their variances pooled by degrees of freedom "
+        f"({spread_text}). "
         "steps: fewest-most over the runs. tokens/s: a step's tokens over its median wall time after the 11th, "
         "averaged over the runs. wall s: a run's whole wall time, averaged over the runs, compilation and "
         "evaluation included. On a CPU the budget counts the model's FLOPs, not time, so an optimizer's own work "
@@ -320,8 +330,8 @@ def markdown(records, context, args, jsonl):
     return "\n".join([f"# `bench/looped.py` on {context['machine']}", "",
                       *(line for text in prose for line in (textwrap.fill(text, 116), "")),
                       *sweep_table(records, args.sweep_budget),
-                      *grid_table(records, args.budget, lrs),
-                      *newton_table(records, args.budget, lrs)])
+                      *grid_table(records, args.budget, lrs, spread),
+                      *newton_table(records, args.budget, lrs, spread)])
 
 # ---------------------------------------------------------------------------
 # Command line

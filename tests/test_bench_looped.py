@@ -111,12 +111,14 @@ def test_looped_cells_marks_and_plan():
     # deviations -0.2, 0.2, 0: sample variance 0.08 / 2
     assert (c["n"], c["steps"], c["crashes"]) == (3, (10, 12), ["boom"])
     assert (c["mean"], c["std"], c["tokens_per_second"], c["wall"]) == pytest.approx((1.2, 0.2, 200.0, 70.0))
-    ref = dict(n=2, mean=1.0, std=0.1)
-    assert looped.pooled_std(c, ref) == pytest.approx(((2 * 0.2**2 + 1 * 0.1**2) / 3) ** 0.5)  # 0.173
-    assert looped.versus(c, ref) == "+0.2000"  # within 2 x 0.173
-    assert looped.versus(dict(c, mean=0.6), ref) == "-0.4000 *"
-    assert looped.versus(dict(n=1, mean=1.5, std=None), dict(n=1, mean=1.0, std=None)) == "+0.5000"  # no spread
-    assert looped.versus(ref, ref) == "reference" and looped.versus(dict(n=0), ref) == "-"
+    ref, single = dict(n=2, mean=1.0, std=0.1), dict(n=1, mean=1.5, std=None)
+    spread = looped.pooled_std([c, ref, single])  # the single run adds no degree of freedom
+    assert spread == pytest.approx(((2 * 0.2**2 + 1 * 0.1**2) / 3) ** 0.5)  # 0.173
+    assert looped.pooled_std([single, dict(n=0)]) is None
+    assert looped.versus(c, ref, spread) == "+0.2000"  # within 2 x 0.173
+    assert looped.versus(dict(c, mean=0.6), ref, spread) == "-0.4000 *"
+    assert looped.versus(single, dict(single, mean=1.0), None) == "+0.5000"  # no spread measured: no mark
+    assert looped.versus(ref, ref, spread) == "reference" and looped.versus(dict(n=0), ref, spread) == "-"
 
     args = argparse.Namespace(optimizers=["normuon", "newton_muon"], archs=["plain", "gates"], seeds=[42, 43],
                               factors=[0.5, 1, 2], budget=300.0, sweep_budget=100.0)
@@ -167,15 +169,18 @@ def test_looped_tables_from_stored_runs(tmp_path):
     # plain normuon 1.60, 1.62: mean 1.61, std 0.02 / sqrt(2) = 0.0141
     assert md_row(md, "| plain | normuon |") == ["plain", "normuon", "0.08", "1.6100 ± 0.0141", "2", "reference",
                                                  "200-204", "5,050", "700", ""]
-    # 1.50, 1.51: std 0.0071; pooled with the reference sqrt((0.02^2 / 2 + 0.01^2 / 2) / 2) = 0.0112, 2x < 0.105
+    # the seed spread, over the 300 s cells of 2 runs: variances 0.0002 (plain normuon), 0.00005 (gates normuon),
+    # 0.0002 (gates newton_muon), 0 (gates newton_muon 4, 0.5), one degree of freedom each: sqrt(0.00045 / 4) = 0.0106
+    assert "(0.0106 from 4 cells)" in md.replace("\n", " ")
+    # 1.50, 1.51: std 0.0071; 0.105 is beyond 2 x 0.0106
     assert md_row(md, "| gates | normuon |") == ["gates", "normuon", "0.08", "1.5050 ± 0.0071", "2", "-0.1050 *",
                                                  "200", "5,000", "400", ""]
-    # one run: pooled = the reference's own std, 0.0141; 0.01 is within 2x
+    # one run: 0.01 is within 2 x 0.0106
     assert md_row(md, "| gates | adamw |") == ["gates", "adamw", "0.016", "1.6200", "1", "+0.0100", "200", "5,000",
                                                "400", "FAIL: loss nan at step 7"]
     ref_newton, tuned = md_row(md, f"| gates | {default[0]} | {default[1]:g} |"), md_row(md, "| gates | 4 | 0.5 |")
     assert ref_newton[3:6] == ["1.5600 ± 0.0141", "2", "reference"]
-    assert tuned[3:6] == ["1.5000 ± 0.0000", "2", "-0.0600 *"]  # pooled sqrt(0.0002 / 2) = 0.01
+    assert tuned[3:6] == ["1.5000 ± 0.0000", "2", "-0.0600 *"]  # beyond 2 x 0.0106
     assert tuned[8] == "625" and ref_newton[8] == "400"  # a refresh's cost shows in wall time alone
     assert "| gates | newton_muon | 0.08 | 1.5600 ± 0.0141 |" in md
 
