@@ -1,5 +1,5 @@
 """
-The bench scripts, each with its smallest arguments, on a prepared stdlib cache:
+The bench scripts, each with its smallest arguments, on conftest.py's small prepared dataset:
 - run as a user runs them (subprocesses): bench/device_check.sh --dry-run (the GPU check's steps on the CPU, tiny,
   bench/gpu.py among them, so the script cannot rot while no GPU is lent), bench/noise.py, bench/loader.py and
   bench/hub_load.py: each finishes and writes its JSON, checked against invariants (the hub's pacing bound, one
@@ -58,9 +58,9 @@ def run_main(script, args, monkeypatch):
 # Whole runs
 
 
-def test_device_check_dry_run_writes_every_step(stdlib_cache, tmp_path):
+def test_device_check_dry_run_writes_every_step(small_cache, tmp_path):
     out = tmp_path / "out"
-    result = run(["bash", "bench/device_check.sh", "--dry-run"], stdlib_cache, OUT=str(out),
+    result = run(["bash", "bench/device_check.sh", "--dry-run"], small_cache, OUT=str(out),
                  PYTEST_ADDOPTS="-p no:xdist")  # as on the device machine: pytest without pytest-xdist
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "device_check.json").read_text())
@@ -78,10 +78,10 @@ def test_device_check_parses_and_takes_only_dry_run(tmp_path):
         assert result.returncode == 2 and "usage" in result.stderr, (args, result.stderr)
 
 
-def test_noise_bench_smallest_run(stdlib_cache, tmp_path):
+def test_noise_bench_smallest_run(small_cache, tmp_path):
     out = tmp_path / "noise.json"
     result = run([sys.executable, "bench/noise.py", "--repeats", "1", "--seeds", "0", "--budget", "2", *TINY,
-                  "--out", str(out), "--logs", str(tmp_path)], stdlib_cache)
+                  "--out", str(out), "--logs", str(tmp_path)], small_cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["seed"] for r in report["runs"]] == [42] and report["edits"]["DEPTH"] == "2"
@@ -93,15 +93,15 @@ def test_noise_bench_smallest_run(stdlib_cache, tmp_path):
     assert timed == run_["num_steps"] - 11 and ms > 0
 
 
-def test_loader_bench_smallest_run(stdlib_cache, tmp_path):
+def test_loader_bench_smallest_run(small_cache, tmp_path):
     out = tmp_path / "loader.json"
-    result = run([sys.executable, "bench/loader.py", "--seconds", "0.2", "--out", str(out)], stdlib_cache)
+    result = run([sys.executable, "bench/loader.py", "--seconds", "0.2", "--out", str(out)], small_cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["what"] for r in report["rows"]] == ["packing loader, B=128 T=2048", "packing loader, B=32 T=256",
                                                     "tokenizing on the fly (tiktoken, all cores)"]
     assert all(math.isfinite(r["tokens_per_second"]) and r["tokens_per_second"] > 0 for r in report["rows"])
-    assert report["dataset"].startswith("stdlib-") and report["machine"].endswith(f", {os.cpu_count()} cores")
+    assert report["dataset"].startswith("from-small-") and report["machine"].endswith(f", {os.cpu_count()} cores")
 
 
 def test_hub_load_bench_paced_run(tmp_path):
@@ -121,9 +121,9 @@ def test_hub_load_bench_paced_run(tmp_path):
     assert calls["all"]["count"] <= rate * report["elapsed"] + 1, report
 
 
-def test_optimizers_bench_smallest_run(stdlib_cache, monkeypatch, capsys):
+def test_optimizers_bench_smallest_run(small_cache, monkeypatch, capsys):
     """Every rule for 6 steps (one timed), then the table against AdamW; eager, one narrow block, 2 rows a step."""
-    monkeypatch.setattr(prepare, "CACHE_DIR", stdlib_cache)
+    monkeypatch.setattr(prepare, "CACHE_DIR", small_cache)
     optimizers = importlib.import_module("optimizers")
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # compiling six models takes minutes here
     monkeypatch.setattr(optimizers, "WIDTH", 64)

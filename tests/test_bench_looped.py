@@ -32,14 +32,14 @@ def md_row(md, start):
     return [cell.strip() for cell in row.strip().strip("|").split("|")]
 
 
-def test_looped_bench_smallest_run_resumes(stdlib_cache, tmp_path):
+def test_looped_bench_smallest_run_resumes(small_cache, tmp_path):
     """The sweep runs normuon at 1x on gates with SEED 42; the grid, at the same budget, gates with SEED 42: the
     same run, so one run. The tables carry its summary's numbers; the same command again runs nothing and changes
     nothing."""
     out, logs, jsonl = tmp_path / "looped.md", tmp_path / "logs", tmp_path / "looped.runs.jsonl"
     command = [sys.executable, "bench/looped.py", "--archs", "gates", "--seeds", "42", "--sweep-budget", "2",
                *LOOPED_TINY, "--out", str(out), "--logs", str(logs)]
-    result = run(command, stdlib_cache)
+    result = run(command, small_cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lr = looped.LRS["normuon"]
     (r,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -60,45 +60,45 @@ def test_looped_bench_smallest_run_resumes(stdlib_cache, tmp_path):
                                                  "-", s["num_steps"], f"{speed:,.0f}", f"{r['wall_seconds']:,.0f}", ""]
 
     before = jsonl.read_bytes(), md
-    again = run(command, stdlib_cache)
+    again = run(command, small_cache)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "sweep: 0 runs to run" in again.stdout and "grid: 0 runs to run" in again.stdout, again.stdout
     assert (jsonl.read_bytes(), out.read_text()) == before
 
 
 @needs_proc
-def test_looped_bench_stopped_mid_run_says_so_and_stores_nothing(stdlib_cache, tmp_path):
+def test_looped_bench_stopped_mid_run_says_so_and_stores_nothing(small_cache, tmp_path):
     """SIGTERM while a run trains (here: hangs at import): that run is killed, not stored, and the script says the
     same command resumes, in one line instead of a traceback."""
     out = tmp_path / "looped.md"
     returncode, output = terminate_mid_run(
         [sys.executable, "bench/looped.py", "--archs", "plain", "--seeds", "42", *LOOPED_TINY, "--edit",
-         f"WARMUP_RATIO={HANGING}", "--out", str(out), "--logs", str(tmp_path)], stdlib_cache)
+         f"WARMUP_RATIO={HANGING}", "--out", str(out), "--logs", str(tmp_path)], small_cache)
     assert returncode == 1 and output.rstrip().endswith("the same command resumes"), output
     assert "Traceback" not in output, output
     assert not out.with_suffix(".runs.jsonl").exists()
 
 
-def test_looped_bench_stores_a_crash_once(stdlib_cache, tmp_path):
+def test_looped_bench_stores_a_crash_once(small_cache, tmp_path):
     """A run that stops at start-up (1000 tokens a step: no whole number of rows): stored as a crash with train.py's
     line, shown in the sweep table, not run again, and the grid has no lr for it; another --edit in the same file
     is refused."""
     out, jsonl = tmp_path / "looped.md", tmp_path / "looped.runs.jsonl"
     command = [sys.executable, "bench/looped.py", "--archs", "plain", "--seeds", "42", *LOOPED_TINY,
                "--edit", "TOTAL_BATCH_SIZE=1000", "--out", str(out), "--logs", str(tmp_path)]
-    first = run([*command, "--stage", "sweep"], stdlib_cache)
+    first = run([*command, "--stage", "sweep"], small_cache)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert record["status"] == "crash", record
     assert record["error"].startswith("TOTAL_BATCH_SIZE 1000 is not a multiple of DEVICE_BATCH_SIZE"), record
     assert f"| normuon | {looped.LRS['normuon']:g}: crashed ({record['error']}) |" in out.read_text()
 
-    again = run([*command, "--stage", "all"], stdlib_cache)
+    again = run([*command, "--stage", "all"], small_cache)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "sweep: 0 runs to run" in again.stdout and "grid: skipping normuon" in again.stdout, again.stdout
     assert len(jsonl.read_text().splitlines()) == 1
 
-    other = run([*command, "--edit", "DEPTH=3"], stdlib_cache)
+    other = run([*command, "--edit", "DEPTH=3"], small_cache)
     assert other.returncode == 1 and not other.stdout, other.stdout
     assert other.stderr.strip().splitlines()[-1].startswith(f"{jsonl} holds runs of another edits"), other.stderr
     assert len(jsonl.read_text().splitlines()) == 1

@@ -127,11 +127,11 @@ def expected_decisions(rows, sigma):
 
 
 @pytest.fixture(scope="module")
-def finished(stdlib_cache, tmp_path_factory):
+def finished(small_cache, tmp_path_factory):
     """A campaign interrupted with Ctrl-C as its first experiment starts, then resumed with 4 workers (all four
     experiments at once: the fewest rounds of runs)."""
     repo = make_repo(tmp_path_factory.mktemp("campaign"))
-    proc = start(repo, stdlib_cache, "../plan.toml", "--sigma", str(SIGMA))
+    proc = start(repo, small_cache, "../plan.toml", "--sigma", str(SIGMA))
     deadline = time.time() + 300
     while time.time() < deadline and not (repo / ".campaign" / "tiny" / "MAT-LR.log").exists():
         time.sleep(0.2)
@@ -140,7 +140,7 @@ def finished(stdlib_cache, tmp_path_factory):
     rows_at_interrupt = read_rows(repo)
     interrupted_at = time.time()
     result = subprocess.run([sys.executable, "campaign.py", "../plan.toml", "--sigma", str(SIGMA), "--workers", "4"],
-                            cwd=repo, env=env_for(stdlib_cache), capture_output=True, text=True, timeout=900)
+                            cwd=repo, env=env_for(small_cache), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return repo, proc.returncode, first_output, rows_at_interrupt, interrupted_at
 

@@ -1,13 +1,13 @@
 """
-End-to-end tests of `train.py` on the CPU, as subprocesses: prepare the built-in stdlib dataset once into a
-temporary cache, then run a copy of train.py whose constants are rewritten to a tiny model (train.py itself has
-no test hooks) under AUTORESEARCH_TIME_BUDGET of a few seconds. Checks: the full summary block in its fixed
-order with a finite val_bpb clearly below the untrained model's (a near-uniform predictor: log2(vocab) bits per
-token, computed here over the same validation rows), training that stops within a step of the budget, Newton-Muon
-refreshed at its interval, FAIL and exit 1 on a diverging run, eager with no C++ compiler, and clear messages
-naming prepare.py or the offending constant.
+End-to-end tests of `train.py` on the CPU, as subprocesses, on conftest.py's small dataset of stdlib sources
+(prepared once per session into a temporary cache): a copy of train.py whose constants are rewritten to a tiny model
+(train.py itself has no test hooks) under AUTORESEARCH_TIME_BUDGET of a few seconds. Checks: the full summary block
+in its fixed order with a finite val_bpb clearly below the untrained model's (a near-uniform predictor: log2(vocab)
+bits per token, computed here over the same validation rows), training that stops within a step of the budget,
+Newton-Muon refreshed at its interval, FAIL and exit 1 on a diverging run, eager with no C++ compiler, and clear
+messages naming prepare.py or the offending constant.
 
-Run: uv run pytest tests/test_train_e2e.py      (about 2-3 minutes on 2 cores, most of it preparing the data)
+Run: uv run pytest tests/test_train_e2e.py      (about 2 minutes on 2 cores)
 """
 
 import math
@@ -34,8 +34,8 @@ def env_for(cache, budget="4"):
 
 
 @pytest.fixture(scope="session")
-def cache(stdlib_cache):
-    return stdlib_cache
+def cache(small_cache):
+    return small_cache
 
 
 def train_copy(tmp_path, **constants):
@@ -103,7 +103,7 @@ def test_short_run_prints_summary_and_learns(cache, tmp_path):
     assert float(values["peak_vram_mb"]) > 0
     assert_stops_at_budget(values, 4.0, result.stdout)
     assert values["time_budget"] == "4" and values["precision"] in ("fp32", "bf16")
-    assert values["profile"] == "cpu" and values["dataset"].startswith("stdlib-py")  # interpreter, content hash
+    assert values["profile"] == "cpu" and values["dataset"].startswith("from-small-")  # the corpus, content hash
     if values["device"] == "cpu":  # no known bf16 peak: MFU would be a made-up number
         assert values["attention"] == "sdpa" and values["mfu_percent"] == "n/a"
     log = result.stdout.splitlines()
