@@ -25,18 +25,18 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 
 
-SMALL_CHARS = 1_500_000  # of stdlib source: ~80 validation rows at context 256 (the whole stdlib fills 1024)
+SMALL_CHARS = 1_500_000  # of stdlib source: ~60 validation rows at context 256 (the whole stdlib fills 1024)
 
 
 @pytest.fixture(scope="session")
-def small_cache(tmp_path_factory):
+def small_cache(tmp_path_factory, request):
     """A prepared dataset for the tests that run train.py: the running Python's stdlib sources up to SMALL_CHARS, in
     600-character pieces, through `prepare.py --from`. Real code, so a tiny model learns in seconds, and a small
     validation split, so each run's evaluate_bpb takes ~2 s instead of ~20. Built once per session, not once per
     pytest-xdist worker: the workers share their base folder's parent, and the first to take the lock builds it.
     Tests only read it."""
     root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    root = root.parent if hasattr(request.config, "workerinput") else root  # workerinput: an xdist worker
     cache, corpus, done = root / "small-cache", root / "small.jsonl", root / "small-cache.prepared"
     with open(root / "small-cache.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
