@@ -263,8 +263,10 @@ def sweep_table(records, sweep_budget):
                  f"**{r['lr']:g}: {r['val_bpb']:.4f}**" if r["lr"] == lrs.get(o) else f"{r['lr']:g}: {r['val_bpb']:.4f}"
                  for r in tried]
         edge = o in lrs and len(tried) > 1 and lrs[o] in (tried[0]["lr"], tried[-1]["lr"])
+        note = (" (best at the edge: extend the sweep)" if edge else
+                " (one lr only: not swept)" if len(tried) == 1 else "")
         if tried:
-            rows.append(f"| {o} | {', '.join(cells)}{' (best at the edge: extend the sweep)' if edge else ''} |")
+            rows.append(f"| {o} | {', '.join(cells)}{note} |")
     return section(f"Learning-rate sweep: `{SWEEP_ARCH}`, SEED {SWEEP_SEED}, {sweep_budget:g} s per run",
                    ["optimizer", "lr: val_bpb"], rows,
                    "val_bpb per matrix lr; bold: the lowest, the lr of the grid and the Newton-Muon table.")

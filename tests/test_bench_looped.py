@@ -55,7 +55,7 @@ def test_looped_bench_smallest_run_resumes(small_cache, tmp_path):
     assert speed > 0
     md = out.read_text()
     assert md.startswith(f"# `bench/looped.py` on {r['machine']}\n")
-    assert md_row(md, "| normuon |") == ["normuon", f"**{lr:g}: {float(s['val_bpb']):.4f}**"]
+    assert md_row(md, "| normuon |") == ["normuon", f"**{lr:g}: {float(s['val_bpb']):.4f}** (one lr only: not swept)"]
     assert md_row(md, "| gates | normuon |") == ["gates", "normuon", f"{lr:g}", f"{float(s['val_bpb']):.4f}", "1",
                                                  "-", s["num_steps"], f"{speed:,.0f}", f"{r['wall_seconds']:,.0f}", ""]
 
@@ -152,6 +152,7 @@ def test_looped_tables_from_stored_runs(tmp_path):
                     tokens_per_second=speed, wall_seconds=wall)
     sweep = [rec("gates", "normuon", lr, 42, 100.0, b) for lr, b in ((0.04, 1.70), (0.08, 1.65), (0.16, 1.68))]
     sweep += [rec("gates", "adamw", 0.016, 42, 100.0, 1.80), rec("gates", "newton_muon", 0.08, 42, 100.0, 1.75)]
+    sweep += [rec("gates", "mano", lr, 42, 100.0, b) for lr, b in ((0.005, 1.90), (0.01, 1.85))]
     crash = dict(rec("gates", "adamw", 0.016, 43, 300.0, None), status="crash", error="FAIL: loss nan at step 7")
     grid = [rec("plain", "normuon", 0.08, 42, 300.0, 1.60, steps=200, speed=5000.0),
             rec("plain", "normuon", 0.08, 43, 300.0, 1.62, steps=204, speed=5100.0, wall=1000.0),
@@ -165,7 +166,8 @@ def test_looped_tables_from_stored_runs(tmp_path):
     args = argparse.Namespace(budget=300.0, sweep_budget=100.0)
     md = looped.markdown(sweep + grid, context, args, tmp_path / "looped.runs.jsonl")
     assert md_row(md, "| normuon |") == ["normuon", "0.04: 1.7000, **0.08: 1.6500**, 0.16: 1.6800"]
-    assert md_row(md, "| adamw |") == ["adamw", "**0.016: 1.8000**"]
+    assert md_row(md, "| adamw |") == ["adamw", "**0.016: 1.8000** (one lr only: not swept)"]
+    assert md_row(md, "| mano |") == ["mano", "0.005: 1.9000, **0.01: 1.8500** (best at the edge: extend the sweep)"]
     # plain normuon 1.60, 1.62: mean 1.61, std 0.02 / sqrt(2) = 0.0141
     assert md_row(md, "| plain | normuon |") == ["plain", "normuon", "0.08", "1.6100 ± 0.0141", "2", "reference",
                                                  "200-204", "5,050", "700", ""]
