@@ -91,7 +91,8 @@ def test_looped_bench_stores_a_crash_once(small_cache, tmp_path):
     (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert record["status"] == "crash", record
     assert record["error"].startswith("TOTAL_BATCH_SIZE 1000 is not a multiple of DEVICE_BATCH_SIZE"), record
-    assert f"| normuon | {looped.LRS['normuon']:g}: crashed ({record['error']}) |" in out.read_text()
+    assert f"| normuon | {looped.LRS['normuon']:g}: crashed ({record['error']}) (one lr only: not swept) |" in \
+        out.read_text()
 
     again = run([*command, "--stage", "all"], small_cache)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
