@@ -60,7 +60,7 @@ SWEEP_ARCH, SWEEP_SEED = "gates", 42
 REFERENCE = ("plain", "normuon")  # the grid's cells are compared with this one
 REFRESH, EMAS = (4, 16, 64), (0.5, 0.8, 0.95)
 STAGES = ("sweep", "grid", "newton")
-MARK_STDS = 2  # a difference beyond this many pooled stds is marked as larger than the measured spread
+MARK_STDS = 2  # a difference beyond this many of its stds is marked as larger than the measured spread
 IGNORED_LINE = re.compile(r"^(WARNING: |[IW]\d{4} )|Warning: |^\s*warnings\.warn\(")  # not a crash's cause
 
 # ---------------------------------------------------------------------------
@@ -216,25 +216,47 @@ def cell(records):
 
 
 def pooled_std(cells):
-    """The sample variances of the cells with 2 runs or more, pooled by their degrees of freedom: the seed spread
-    of one machine and budget, taken as the same in every cell (two runs alone give a std of one degree of freedom,
-    often far too small); None with no such cell."""
+    """The sample variances of the cells with 2 runs or more, pooled by their degrees of freedom: a seed spread taken
+    as the same in all those cells (two runs alone give a std of one degree of freedom, often far too small); None
+    with no such cell."""
     cells = [c for c in cells if c["n"] > 1]
     dof = sum(c["n"] - 1 for c in cells)
     return math.sqrt(sum((c["n"] - 1) * c["std"] ** 2 for c in cells) / dof) if dof else None
 
 
-def versus(c, ref, spread):
-    """c's mean minus ref's, marked * when beyond MARK_STDS x spread; '-' when either has no run."""
+def cells_text(n):
+    return f"{n} cell" + "s" * (n != 1)
+
+
+def seed_spreads(settings):
+    """({optimizer: its seed spread}, text): each optimizer's cells pooled, as seeds scatter mano or adamuon far more
+    than normuon; an optimizer with no cell of 2 runs takes every cell's pooled spread. None: nothing measured."""
+    cells = {k: cell(group) for k, group in settings.items()}
+    everything = pooled_std(cells.values())
+    own = {o: pooled_std([c for k, c in cells.items() if k[1] == o]) for o in LRS}
+    count = {o: sum(c["n"] > 1 for k, c in cells.items() if k[1] == o) for o in LRS}
+    text = ", ".join(f"{o} {spread:.4f} ({cells_text(count[o])})" for o, spread in own.items() if spread is not None)
+    if everything is None:
+        return dict.fromkeys(LRS), "none yet: no cell has 2 runs, so nothing is marked"
+    if None in own.values():
+        text += f"{'; ' if text else ''}the others every cell's {everything:.4f} ({cells_text(sum(count.values()))})"
+    return {o: everything if spread is None else spread for o, spread in own.items()}, text
+
+
+def versus(c, ref, spread, ref_spread):
+    """c's mean minus ref's, marked * when beyond MARK_STDS x the std of that difference, each mean's std its
+    optimizer's seed spread over sqrt(its runs); '-' when either has no run."""
     if c is ref:
         return "reference"
     if not c["n"] or not ref or not ref["n"]:
         return "-"
     diff = c["mean"] - ref["mean"]
-    return f"{diff:+.4f}" + (" *" if spread is not None and abs(diff) > MARK_STDS * spread else "")
+    marked = (spread is not None and ref_spread is not None
+              and abs(diff) > MARK_STDS * math.sqrt(spread ** 2 / c["n"] + ref_spread ** 2 / ref["n"]))
+    return f"{diff:+.4f}" + (" *" if marked else "")
 
 
-def cell_columns(c, ref, spread):
+def cell_columns(c, ref, spread, ref_spread):
     """| val_bpb | n | vs | steps | tokens/s | wall s | crashed | of one cell."""
     if not c["n"]:
         bpb, steps, speed, wall = "-", "-", "-", "-"
@@ -244,7 +266,7 @@ def cell_columns(c, ref, spread):
         steps = f"{low}" if low == high else f"{low}-{high}"
         speed, wall = f"{c['tokens_per_second']:,.0f}", f"{c['wall']:,.0f}"
     crashed = "; ".join(c["crashes"]) if c["crashes"] else ""
-    return f"{bpb} | {c['n']} | {versus(c, ref, spread)} | {steps} | {speed} | {wall} | {crashed} |"
+    return f"{bpb} | {c['n']} | {versus(c, ref, spread, ref_spread)} | {steps} | {speed} | {wall} | {crashed} |"
 
 
 def section(title, columns, rows, note=None):
@@ -276,25 +298,26 @@ def cell_header(reference):
     return ["val_bpb", "n", f"vs {reference}", "steps", "tokens/s", "wall s", "crashed"]
 
 
-def grid_table(records, budget, lrs, spread):
+def grid_table(records, budget, lrs, spreads):
     cells = {(a, o): cell([r for r in records if r["arch"] == a and r["optimizer"] == o and r["lr"] == lrs[o]
                            and r["budget"] == budget and is_default_newton(r)])
              for a in ARCHS for o in LRS if o in lrs}
-    rows = [f"| {a} | {o} | {lrs[o]:g} | {cell_columns(c, cells.get(REFERENCE), spread)}" for (a, o), c in cells.items()
-            if c["n"] or c["crashes"]]
+    rows = [f"| {a} | {o} | {lrs[o]:g} | {cell_columns(c, cells.get(REFERENCE), spreads[o], spreads[REFERENCE[1]])}"
+            for (a, o), c in cells.items() if c["n"] or c["crashes"]]
     return section(f"Optimizer x architecture: {budget:g} s per run, each optimizer at its sweep's lr",
                    ["architecture", "optimizer", "lr", *cell_header(" ".join(REFERENCE))], rows)
 
 
-def newton_table(records, budget, lrs, spread):
+def newton_table(records, budget, lrs, spreads):
     default, rows = (train.NEWTON_REFRESH_STEPS, train.NEWTON_EMA), []
+    spread = spreads["newton_muon"]
     for a in ARCHS:
         mine = [r for r in records if r["arch"] == a and a != "plain" and r["optimizer"] == "newton_muon"
                 and r["lr"] == lrs.get("newton_muon") and r["budget"] == budget]
         cells = {p: cell([r for r in mine if (r["refresh"], r["ema"]) == p])
                  for p in sorted({(r["refresh"], r["ema"]) for r in mine})}
         if len(cells) > 1:  # the grid's run alone is no comparison
-            rows += [f"| {a} | {refresh} | {ema:g} | {cell_columns(c, cells.get(default), spread)}"
+            rows += [f"| {a} | {refresh} | {ema:g} | {cell_columns(c, cells.get(default), spread, spread)}"
                      for (refresh, ema), c in cells.items()]
     return section(f"Newton-Muon: NEWTON_REFRESH_STEPS x NEWTON_EMA on the looped architectures, {budget:g} s per run",
                    ["architecture", "refresh", "EMA", *cell_header(f"{default[0]}, {default[1]:g}")], rows)
@@ -306,10 +329,7 @@ def markdown(records, context, args, jsonl):
     for r in records:
         if r["budget"] == args.budget:
             settings.setdefault((r["arch"], r["optimizer"], r["lr"], r["refresh"], r["ema"]), []).append(r)
-    cells = [cell(group) for group in settings.values()]
-    spread = pooled_std(cells)
-    spread_text = (f"{spread:.4f} from {sum(c['n'] > 1 for c in cells)} cells" if spread is not None else
-                   "none yet: no cell has 2 runs, so nothing is marked")
+    spreads, spread_text = seed_spreads(settings)
     finished = sum(r["status"] == "ok" for r in records)
     dates = sorted(r["date"][:10] for r in records)
     archs = "; ".join(f"{a} {', '.join(f'{k} = {v}' for k, v in edits.items())}" for a, edits in ARCHS.items())
@@ -320,8 +340,9 @@ def markdown(records, context, args, jsonl):
         f"every run. Architectures: {archs}; the rest as train.py has it. The sweep's lrs are multiples of "
         "bench/optimizers.py's.",
         "val_bpb: mean ± sample std over seeds, n finished runs. vs: the mean minus the reference cell's; * when "
-        f"the difference exceeds {MARK_STDS}x the seed spread, i.e. is larger than the measured spread: the std "
-        f"of every {args.budget:g} s cell of 2 runs or more, their variances pooled by degrees of freedom "
+        f"the difference exceeds {MARK_STDS}x its std, i.e. is larger than the measured spread: a mean's std is its "
+        "optimizer's seed spread over the square root of its runs, and an optimizer's seed spread is the std of "
+        f"its {args.budget:g} s cells of 2 runs or more, their variances pooled by degrees of freedom "
         f"({spread_text}). "
         "steps: fewest-most over the runs. tokens/s: a step's tokens over its median wall time after the 11th, "
         "averaged over the runs. wall s: a run's whole wall time, averaged over the runs, compilation and "
@@ -332,8 +353,8 @@ def markdown(records, context, args, jsonl):
     return "\n".join([f"# `bench/looped.py` on {context['machine']}", "",
                       *(line for text in prose for line in (textwrap.fill(text, 116), "")),
                       *sweep_table(records, args.sweep_budget),
-                      *grid_table(records, args.budget, lrs, spread),
-                      *newton_table(records, args.budget, lrs, spread)])
+                      *grid_table(records, args.budget, lrs, spreads),
+                      *newton_table(records, args.budget, lrs, spreads)])
 
 # ---------------------------------------------------------------------------
 # Command line

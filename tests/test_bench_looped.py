@@ -116,10 +116,15 @@ def test_looped_cells_marks_and_plan():
     spread = looped.pooled_std([c, ref, single])  # the single run adds no degree of freedom
     assert spread == pytest.approx(((2 * 0.2**2 + 1 * 0.1**2) / 3) ** 0.5)  # 0.173
     assert looped.pooled_std([single, dict(n=0)]) is None
-    assert looped.versus(c, ref, spread) == "+0.2000"  # within 2 x 0.173
-    assert looped.versus(dict(c, mean=0.6), ref, spread) == "-0.4000 *"
-    assert looped.versus(single, dict(single, mean=1.0), None) == "+0.5000"  # no spread measured: no mark
-    assert looped.versus(ref, ref, spread) == "reference" and looped.versus(dict(n=0), ref, spread) == "-"
+    # the difference's std: sqrt(spread^2 / 3 + spread^2 / 2) = 0.158
+    assert looped.versus(c, ref, spread, spread) == "+0.2000"  # within 2 x 0.158
+    assert looped.versus(dict(c, mean=0.6), ref, spread, spread) == "-0.4000 *"
+    # each mean's std from its own optimizer's spread: sqrt(0.1^2 / 3 + 0.3^2 / 2) = 0.218, 2 x 0.218 > 0.4
+    assert looped.versus(dict(c, mean=0.6), ref, 0.1, 0.3) == "-0.4000"
+    assert looped.versus(dict(c, mean=0.6), ref, 0.3, 0.1) == "-0.4000 *"  # sqrt(0.03 + 0.005) = 0.187
+    assert looped.versus(single, dict(single, mean=1.0), None, None) == "+0.5000"  # no spread measured: no mark
+    assert looped.versus(ref, ref, spread, spread) == "reference"
+    assert looped.versus(dict(n=0), ref, spread, spread) == "-"
 
     args = argparse.Namespace(optimizers=["normuon", "newton_muon"], archs=["plain", "gates"], seeds=[42, 43],
                               factors=[0.5, 1, 2], budget=300.0, sweep_budget=100.0)
@@ -160,6 +165,7 @@ def test_looped_tables_from_stored_runs(tmp_path):
             rec("gates", "normuon", 0.08, 42, 300.0, 1.50), rec("gates", "normuon", 0.08, 43, 300.0, 1.51),
             rec("gates", "normuon", 0.16, 44, 300.0, 0.10),  # another lr: not in the table
             rec("gates", "adamw", 0.016, 42, 300.0, 1.62), crash,
+            rec("plain", "mano", 0.01, 42, 300.0, 1.64), rec("plain", "mano", 0.01, 43, 300.0, 1.70),
             rec("gates", "newton_muon", 0.08, 42, 300.0, 1.55), rec("gates", "newton_muon", 0.08, 43, 300.0, 1.57),
             rec("gates", "newton_muon", 0.08, 42, 300.0, 1.50, (4, 0.5), wall=600.0),
             rec("gates", "newton_muon", 0.08, 43, 300.0, 1.50, (4, 0.5), wall=650.0)]
@@ -172,18 +178,22 @@ def test_looped_tables_from_stored_runs(tmp_path):
     # plain normuon 1.60, 1.62: mean 1.61, std 0.02 / sqrt(2) = 0.0141
     assert md_row(md, "| plain | normuon |") == ["plain", "normuon", "0.08", "1.6100 ± 0.0141", "2", "reference",
                                                  "200-204", "5,050", "700", ""]
-    # the seed spread, over the 300 s cells of 2 runs: variances 0.0002 (plain normuon), 0.00005 (gates normuon),
-    # 0.0002 (gates newton_muon), 0 (gates newton_muon 4, 0.5), one degree of freedom each: sqrt(0.00045 / 4) = 0.0106
-    assert "(0.0106 from 4 cells)" in md.replace("\n", " ")
-    # 1.50, 1.51: std 0.0071; 0.105 is beyond 2 x 0.0106
+    # seed spreads of the 300 s cells of 2 runs, one degree of freedom each. normuon: variances 0.0002 (plain),
+    # 0.00005 (gates), sqrt(0.00025 / 2) = 0.0112; newton_muon: 0.0002 (gates), 0 (gates 4, 0.5), 0.0100; mano: 0.0018
+    # (plain), 0.0424; adamw, with no cell of 2 runs, all five cells': sqrt(0.00225 / 5) = 0.0212
+    assert ("(normuon 0.0112 (2 cells), mano 0.0424 (1 cell), newton_muon 0.0100 (2 cells); the others every "
+            "cell's 0.0212 (5 cells))") in " ".join(md.split())
+    # 1.50, 1.51: std 0.0071; 0.105 is beyond 2 x sqrt(0.0112^2 / 2 + 0.0112^2 / 2) = 0.0224
     assert md_row(md, "| gates | normuon |") == ["gates", "normuon", "0.08", "1.5050 ± 0.0071", "2", "-0.1050 *",
                                                  "200", "5,000", "400", ""]
-    # one run: 0.01 is within 2 x 0.0106
+    # one run: 0.01 is within 2 x sqrt(0.0212^2 + 0.0112^2 / 2)
     assert md_row(md, "| gates | adamw |") == ["gates", "adamw", "0.016", "1.6200", "1", "+0.0100", "200", "5,000",
                                                "400", "FAIL: loss nan at step 7"]
+    # mano's own spread: 0.06 is within 2 x sqrt(0.0424^2 / 2 + 0.0112^2 / 2) = 0.0620, though beyond 2 x 0.0212
+    assert md_row(md, "| plain | mano |")[3:6] == ["1.6700 ± 0.0424", "2", "+0.0600"]
     ref_newton, tuned = md_row(md, f"| gates | {default[0]} | {default[1]:g} |"), md_row(md, "| gates | 4 | 0.5 |")
     assert ref_newton[3:6] == ["1.5600 ± 0.0141", "2", "reference"]
-    assert tuned[3:6] == ["1.5000 ± 0.0000", "2", "-0.0600 *"]  # beyond 2 x 0.0106
+    assert tuned[3:6] == ["1.5000 ± 0.0000", "2", "-0.0600 *"]  # beyond 2 x sqrt(0.01^2 / 2 + 0.01^2 / 2)
     assert tuned[8] == "625" and ref_newton[8] == "400"  # a refresh's cost shows in wall time alone
     assert "| gates | newton_muon | 0.08 | 1.5600 ± 0.0141 |" in md
 
