@@ -351,7 +351,7 @@ def markdown(records, context, args, jsonl):
         "orthogonalisation's cost shows in tokens/s; a refresh's, which the median step leaves out, only in wall s. "
         "Other work on the machine inflates both. crashed: each crashed run's last error line."]
     return "\n".join([f"# `bench/looped.py` on {context['machine']}", "",
-                      *(line for text in prose for line in (textwrap.fill(text, 116), "")),
+                      *(line for text in prose for line in (textwrap.fill(text, 116, break_on_hyphens=False), "")),
                       *sweep_table(records, args.sweep_budget),
                       *grid_table(records, args.budget, lrs, spreads),
                       *newton_table(records, args.budget, lrs, spreads)])
