@@ -62,13 +62,17 @@ PROFILES = {
     "cpu-bf16": dict(MAX_SEQ_LEN=256, EVAL_TOKENS=256 * 1024, CPU_FLOPS=3.6e11),
 }
 
-def cpu_flags():
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+def cpuinfo_field(name):
+    """The first value of `name` in Linux's /proc/cpuinfo ("model name", "flags"), or None (not found, not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == name), None)
     except OSError:
-        return set()
+        return None
+
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    return set((cpuinfo_field("flags") or "").split())
 
 def choose_profile():
     """The profile and why: forced by AUTORESEARCH_PROFILE, else gpu on CUDA, cpu-bf16 on a CPU with AMX (a
@@ -195,8 +199,8 @@ def is_valid_shard(path):
 class DownloadError(Exception):
     pass
 
-def check_reachable(url, timeout=5.0):
-    """Fail fast (seconds, not minutes of retries) when the host cannot be reached at all."""
+def tcp_problem(url, timeout):
+    """None when url's host accepts a TCP connection within `timeout` seconds, else why not."""
     parts = urlparse(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     outcome = []
@@ -204,17 +208,25 @@ def check_reachable(url, timeout=5.0):
         try:
             socket.create_connection((parts.hostname, port), timeout=timeout).close()
             outcome.append(None)
-        except OSError as e:
+        except (OSError, TypeError) as e:  # TypeError: a URL without a host
             outcome.append(e)
     # one deadline for it all: the DNS lookup has no timeout, and create_connection's applies per address
     worker = threading.Thread(target=connect, daemon=True)
     worker.start()
     worker.join(timeout)
     if outcome and outcome[0] is None:
+        return None
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+def check_reachable(url, timeout=5.0):
+    """Fail fast (seconds, not minutes of retries) when the host cannot be reached at all."""
+    reason = tcp_problem(url, timeout)
+    if reason is None:
         return
-    reason = outcome[0] if outcome else f"no answer within {timeout:g} s"
+    parts = urlparse(url)
     raise SystemExit(
-        f"prepare.py: cannot reach {parts.hostname}:{port} ({reason}). Offline? Use the built-in corpus with "
+        f"prepare.py: cannot reach {parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)} "
+        f"({reason}). Offline? Use the built-in corpus with "
         "`uv run prepare.py --dataset stdlib`, your own files with `uv run prepare.py --from PATH`, "
         "or a mirror via HF_ENDPOINT.")
 

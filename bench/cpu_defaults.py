@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
 import runs
-import train
+import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 W128 = dict(ASPECT_RATIO="32", HEAD_DIM="64")    # width 128: 2 heads of 64 at depth 4
@@ -77,7 +77,7 @@ def main():
         except ValueError as e:
             parser.error(f"candidate {name}: {e}")
 
-    device, machine = train.pick_device()
+    device, machine = runtime.pick_device()
     slug = runs.slug(machine)
     out = Path(args.out) if args.out else RESULTS / f"cpu-defaults-{args.profile}-{slug}.json"
     Path(args.logs).mkdir(parents=True, exist_ok=True)

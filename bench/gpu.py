@@ -12,7 +12,6 @@ import datetime
 import gc
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
 import runs
+import runtime
 import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,20 +33,22 @@ def tiny_cpu_config():
 
 
 def backends(device, asked):
+    """[(backend, its loaded FA3 module or None)] of those asked that load here."""
     if device != "cuda":
-        return ["sdpa"]
+        return [("sdpa", None)]
     found = []
     for backend in asked:
+        fa3 = None
         if backend == "fa3":
-            train.FA3, why = train.load_fa3()
-            if train.FA3 is None:
+            fa3, why = runtime.load_fa3()
+            if fa3 is None:
                 print(f"fa3 skipped: {why}")
                 continue
-        found.append(backend)
+        found.append((backend, fa3))
     return found
 
 
-def measure(backend, device, dtype, tokenizer, steps, warmup, memory_gb=None):
+def measure(backend, fa3, device, dtype, tokenizer, steps, warmup, memory_gb=None):
     """Mean step time over `steps` timed steps after `warmup` (compilation) steps, the share of it spent in
     next(loader), and the graphs compiled after warm-up (recompilations)."""
     if memory_gb:  # a smaller card: this process may take only memory_gb of the GPU
@@ -54,26 +56,23 @@ def measure(backend, device, dtype, tokenizer, steps, warmup, memory_gb=None):
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gb * 2**30 / torch.cuda.mem_get_info()[1]))
     torch.manual_seed(0)
-    config = train.model_config(train.DEPTH, tokenizer.get_vocab_size(), backend)
-    with torch.device("meta"):
-        model = train.GPT(config)
-    model.to_empty(device=device)
-    model.init_weights(dtype)
     compile_model = device == "cuda"
-    optimizer = model.setup_optimizer(orth_dtype=dtype, compile=compile_model)
+    rt = runtime.Runtime(prepare.dataset_label(), device, dtype, backend, compile_model, compile_model,
+                         runtime.peak_flops(device), fa3)
+    config = train.model_config(tokenizer.get_vocab_size())
+    model = rt.build_model(train.GPT, config, train.layer_windows(config))
+    optimizer = model.setup_optimizer(dtype=dtype, compile=compile_model)
     step_model = torch.compile(model, dynamic=False) if compile_model else model
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    optimizer.init_state()
+    autocast = rt.autocast()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
-    rows, why = train.pick_micro_batch(device, train.trial_step(step_model, model, autocast, device))
-    accum = train.TOTAL_BATCH_SIZE // (rows * prepare.MAX_SEQ_LEN)
+    rows, accum = runtime.fit_micro_batch(rt, step_model, model, train.DEVICE_BATCH_SIZE, train.TOTAL_BATCH_SIZE)
     loader = prepare.make_dataloader(tokenizer, rows, prepare.MAX_SEQ_LEN, "train", device)
     x, y, _ = next(loader)
     timed, waited = 0.0, 0.0
     for step in range(warmup + steps):
-        train.synchronize(device)
+        runtime.synchronize(device)
         t0 = time.perf_counter()
         wait = 0.0
         for _ in range(accum):
@@ -86,7 +85,7 @@ def measure(backend, device, dtype, tokenizer, steps, warmup, memory_gb=None):
         train.update_schedules(optimizer, step, step / (warmup + steps))
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        train.synchronize(device)
+        runtime.synchronize(device)
         if step == warmup - 1:
             startup, graphs = time.perf_counter() - t_start, counters["stats"]["unique_graphs"]
         if step >= warmup:
@@ -96,11 +95,11 @@ def measure(backend, device, dtype, tokenizer, steps, warmup, memory_gb=None):
         torch.cuda.set_per_process_memory_fraction(1.0)
     dt = timed / steps
     tokens_per_second = train.TOTAL_BATCH_SIZE / dt
-    peak = train.peak_flops(device)
-    return dict(backend=backend, memory_gb=memory_gb, micro_batch=rows, micro_batch_why=why, ms_per_step=1000 * dt,
+    peak = rt.peak_flops
+    return dict(backend=backend, memory_gb=memory_gb, micro_batch=rows, ms_per_step=1000 * dt,
                 tokens_per_second=tokens_per_second,
                 mfu_percent=100 * model.num_flops_per_token() * tokens_per_second / peak if peak else None,
-                peak_memory_mb=train.peak_memory_mb(device), loader_wait_percent=100 * waited / timed,
+                peak_memory_mb=runtime.peak_memory_mb(device), loader_wait_percent=100 * waited / timed,
                 startup_seconds=startup, recompiles=counters["stats"]["unique_graphs"] - graphs,
                 final_loss=loss.item())
 
@@ -114,14 +113,14 @@ def main():
     parser.add_argument("--out", help="JSON file to write (default bench/results/gpu-<device>.json)")
     args = parser.parse_args()
     asked = [b for b in args.backends.split(",") if b]
-    if not asked or set(asked) - set(train.ATTENTION_BACKENDS):
-        parser.error(f"--backends {args.backends!r}: choose from {', '.join(train.ATTENTION_BACKENDS)}")
+    if not asked or set(asked) - set(runtime.ATTENTION_BACKENDS):
+        parser.error(f"--backends {args.backends!r}: choose from {', '.join(runtime.ATTENTION_BACKENDS)}")
     try:
         sizes = [float(g) for g in args.memory_gb.split(",") if g]
     except ValueError:
         parser.error(f"--memory-gb {args.memory_gb!r}: give sizes in GB, e.g. 24,40")
-    device, device_name = train.pick_device()
-    dtype, why = train.pick_dtype(device)
+    device, device_name = runtime.pick_device()
+    dtype, why = runtime.pick_dtype(device)
     if device != "cuda":
         tiny_cpu_config()
         if sizes:
@@ -132,8 +131,9 @@ def main():
     print(f"config: depth {train.DEPTH}, aspect {train.ASPECT_RATIO}, head dim {train.HEAD_DIM}, context "
           f"{prepare.MAX_SEQ_LEN}, {train.TOTAL_BATCH_SIZE:,} tokens/step, micro-batch at most "
           f"{train.DEVICE_BATCH_SIZE}")
-    rows = [measure(b, device, dtype, tokenizer, args.steps, args.warmup) for b in backends(device, asked)]
-    rows += [measure(rows[0]["backend"] if rows else "flex", device, dtype, tokenizer, args.steps, args.warmup, gb)
+    found = backends(device, asked)
+    rows = [measure(b, fa3, device, dtype, tokenizer, args.steps, args.warmup) for b, fa3 in found]
+    rows += [measure(*(found[0] if found else ("flex", None)), device, dtype, tokenizer, args.steps, args.warmup, gb)
              for gb in sizes]
     print(f"{'backend':<8} {'card GB':>7} {'rows':>5} {'ms/step':>9} {'tokens/s':>11} {'MFU %':>6} {'peak MB':>9} "
           f"{'loader wait %':>14} {'start-up s':>11} {'recompiles':>10}")

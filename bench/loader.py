@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
 import runs
-import train
+import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--out", help="JSON file to write (default bench/results/loader-<machine>.json)")
     args = parser.parse_args()
     tokenizer = prepare.Tokenizer.from_directory()
-    machine = f"{train.cpu_name()}, {os.cpu_count()} cores"
+    machine = f"{runtime.cpu_name()}, {os.cpu_count()} cores"
     print(f"machine: {machine}; dataset {prepare.dataset_label()}")
     rows = [dict(what=f"packing loader, B={B} T={T}", tokens_per_second=loader_rate(tokenizer, B, T, args.seconds))
             for B, T in [(128, 2048), (32, 256)]]

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import port_speed
 import prepare
 import runs
+import runtime
 import train
 from optimizers import LRS
 
@@ -442,11 +443,11 @@ def print_plan(stages, args, records):
 
 def main():
     args, stages = parse_args()
-    device, machine = train.pick_device()
-    dtype, _ = train.pick_dtype(device)
+    device, machine = runtime.pick_device()
+    dtype, _ = runtime.pick_dtype(device)
     context = dict(machine=machine, profile=prepare.PROFILE, dataset=prepare.dataset_label(),
                    precision="bf16" if dtype == torch.bfloat16 else "fp32", edits=args.edits,
-                   budget_unit=train.budget_unit(device))
+                   budget_unit=runtime.budget_unit(device))
     out = Path(args.out) if args.out else RESULTS / f"looped-{runs.slug(machine)}.md"
     jsonl = out.with_suffix(".runs.jsonl")
     records = load_records(jsonl)

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
 import runs
-import train
+import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -112,7 +112,7 @@ def main():
     except ValueError as e:
         parser.error(str(e))
 
-    device, machine = train.pick_device()
+    device, machine = runtime.pick_device()
     load = "-load" if args.load else ""  # a load test never overwrites a noise measurement
     name = runs.slug(machine) + load + (f"-{args.label}" if args.label else "")
     out = Path(args.out) if args.out else RESULTS / f"noise-{name}.json"

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
 import runs
+import runtime
 import train
 
 # Matrix lr per optimizer: the best of a sweep in factors of 2 at 300 steps, each an interior optimum (the sweep
@@ -34,11 +35,11 @@ def run(rule, lr, steps, tokenizer, device, dtype, val):
                              n_head=WIDTH // 64, n_kv_head=WIDTH // 64, n_embd=WIDTH, window_pattern="L", n_loops=2)
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = train.GPT(config)
+        model = train.LoopedGPT(config)
     model.to_empty(device=device)
     model.init_weights(dtype)
-    optimizer = model.setup_optimizer(orth_dtype=dtype)
-    step_model = torch.compile(model, dynamic=False) if train.pick_compile(device)[0] else model
+    optimizer = model.setup_optimizer(dtype=dtype)
+    step_model = torch.compile(model, dynamic=False) if runtime.pick_compile(device)[0] else model
     autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     loader = prepare.make_dataloader(tokenizer, ROWS, prepare.MAX_SEQ_LEN, "train", device)
     seconds = 0.0
@@ -51,11 +52,10 @@ def run(rule, lr, steps, tokenizer, device, dtype, val):
         train.update_schedules(optimizer, step, step / steps)
         if rule == "newton_muon" and (step + 1) % train.NEWTON_REFRESH_STEPS == 0:
             with autocast:
-                input_moments = train.input_second_moments(model, x)
-            optimizer.refresh_preconditioners(input_moments)
+                train.refresh_newton_muon(optimizer, train.input_second_moments(model, x))
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        train.synchronize(device)
+        runtime.synchronize(device)
         if step >= WARMUP_STEPS:
             seconds += time.perf_counter() - t0
         if not math.isfinite(loss.item()):
@@ -80,8 +80,8 @@ def main():
                         help=f"optimizer steps per run, more than {WARMUP_STEPS} (the table and the lrs: 300)")
     parser.add_argument("--sweep", action="store_true", help="also try 0.5x and 2x every lr; print each rule's runs")
     args = parser.parse_args()
-    device, device_name = train.pick_device()
-    dtype, why = train.pick_dtype(device)
+    device, device_name = runtime.pick_device()
+    dtype, why = runtime.pick_dtype(device)
     tokenizer = prepare.Tokenizer.from_directory()
     rows = torch.from_numpy(prepare.eval_rows(tokenizer)[:VAL_ROWS])
     val = [(rows[i:i + ROWS, :-1], rows[i:i + ROWS, 1:]) for i in range(0, len(rows), ROWS)]

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import prepare
 import runs
-import train
+import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PORT_CONFIG = dict(DEPTH="4", ASPECT_RATIO="64", HEAD_DIM="128", WINDOW_PATTERN='"L"', TOTAL_BATCH_SIZE="2**14",
@@ -56,7 +56,7 @@ def main():
         parser.error("--port and --port-python must exist: make them with ../shared/anchors/run_ref_cpu.sh")
     if args.rounds < 1 or args.budget < 20:
         parser.error("--rounds at least 1, --budget at least 20 seconds (the first 11 steps are not timed)")
-    device, machine = train.pick_device()
+    device, machine = runtime.pick_device()
     rows = []
     for i in range(args.rounds):
         for who in ("port", "ours"):

@@ -1,7 +1,9 @@
-"""Shared fixtures: a small dataset of stdlib sources, prepared once per test session into a temporary cache."""
+"""Shared fixtures and helpers: a small dataset of stdlib sources, prepared once per test session into a temporary
+cache; a naive float64 attention and random q, k, v for the attention tests."""
 
 import fcntl
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import prepare
 
@@ -54,3 +57,25 @@ def small_cache(tmp_path_factory, request):
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
             done.touch()
     return cache
+
+
+# --- attention helpers shared by test_runtime.py, test_model.py and test_cuda.py ---------------------------
+
+def naive_attention(q, k, v, window):
+    """float64 softmax(q k^T / sqrt(D)) v, query t seeing keys t-window..t; (B, T, H, D), kv heads shared."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, T, H, D = q.shape
+    k = k.repeat_interleave(H // k.size(2), dim=2)  # query head h reads kv head h // (H / Hkv)
+    v = v.repeat_interleave(H // v.size(2), dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    t, s = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
+    allowed = (s <= t) & (t - s <= window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+
+
+def random_qkv(B=2, T=48, H=4, Hkv=2, D=16, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype),
+            torch.randn(B, T, Hkv, D, generator=g, device=device, dtype=dtype),
+            torch.randn(B, T, Hkv, D, generator=g, device=device, dtype=dtype))

@@ -16,17 +16,31 @@ import pytest
 import torch
 
 import prepare
+import runtime
 import train
-from test_model import naive_attention, random_qkv, tiny_config
+from conftest import naive_attention, random_qkv
+from test_model import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def cuda_model(config, seed=0):
+def cuda_attention(backend, config):
+    """The backend's attend(q, k, v, window) for config's windows, as runtime.Runtime.attention builds it; skips
+    when FlashAttention-3 does not load (a broken loader is caught by test_runtime's fake-kernels tests)."""
+    fa3 = None
+    if backend == "fa3":
+        fa3, why = runtime.load_fa3()
+        if fa3 is None:
+            pytest.skip(f"FlashAttention-3 unavailable: {why}")
+    rt = runtime.Runtime("", "cuda", torch.bfloat16, backend, True, True, fa3=fa3)
+    return rt.attention(config.sequence_len, train.layer_windows(config))
+
+
+def cuda_model(config, attend=runtime.attention_sdpa, seed=0):
     """A model on the GPU with random weights everywhere (zero-initialised projections would hide errors)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = train.GPT(config)
+        model = train.GPT(config, attend)
     model.to_empty(device="cuda")
     model.init_weights(torch.bfloat16)
     with torch.no_grad():
@@ -35,7 +49,7 @@ def cuda_model(config, seed=0):
     return model
 
 
-def test_compiled_bf16_evaluation_matches_fp32_eager():
+def test_compiled_bf16_evaluation_matches_fp32_eager(monkeypatch):
     """bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); a depth-2 model's per-token loss then moves
     by well under 1%, and the sum over hundreds of thousands of tokens averages the rounding out, so the two
     val_bpb must agree within 1% of their value, while a wrong mask or scale moves it by far more."""
@@ -43,12 +57,14 @@ def test_compiled_bf16_evaluation_matches_fp32_eager():
         tokenizer = prepare.Tokenizer.from_directory()
     except SystemExit as e:
         pytest.skip(f"no prepared dataset: {e}")
-    config = train.model_config(2, tokenizer.get_vocab_size(), "flex")
-    model = cuda_model(config)
+    monkeypatch.setattr(train, "DEPTH", 2)
+    config = train.model_config(tokenizer.get_vocab_size())
+    model = cuda_model(config, cuda_attention("flex", config))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         bf16 = prepare.evaluate_bpb(torch.compile(model, dynamic=False), tokenizer, 16)
     model.float()  # embeddings too: the same weights, all in fp32
-    train.FLEX = train.flex_attention  # eager Flex: no compilation anywhere on the fp32 side
+    for block in model.blocks:  # eager SDPA: no compilation and no Flex anywhere on the fp32 side
+        block.attn.attend = runtime.attention_sdpa
     fp32 = prepare.evaluate_bpb(model, tokenizer, 16)
     assert abs(bf16 - fp32) < 0.01 * fp32, (bf16, fp32)
 
@@ -60,15 +76,11 @@ def windows_of_sssl():
 @pytest.mark.parametrize("backend", ["flex", "sdpa", "fa3"])
 @pytest.mark.parametrize("window", windows_of_sssl())
 def test_backends_match_naive_on_every_sssl_window(backend, window):
-    if backend == "fa3":
-        train.FA3, why = train.load_fa3()
-        if train.FA3 is None:  # a broken loader is caught by test_model's fake-kernels tests, not here
-            pytest.skip(f"FlashAttention-3 unavailable: {why}")
     T = prepare.MAX_SEQ_LEN
+    attend = cuda_attention(backend, tiny_config(sequence_len=T, window_pattern="SSSL"))
     q, k, v = (t.requires_grad_() for t in random_qkv(B=1, T=T, H=4, Hkv=4, D=128, device="cuda",
                                                       dtype=torch.bfloat16))
-    train.prepare_attention(backend, T, [window], "cuda")
-    y = train.ATTENTION_BACKENDS[backend](q, k, v, window)
+    y = attend(q, k, v, window)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     y_ref = naive_attention(q64, k64, v64, window)
     torch.testing.assert_close(y.double(), y_ref, atol=2e-2, rtol=2e-2)
@@ -80,19 +92,13 @@ def test_backends_match_naive_on_every_sssl_window(backend, window):
 
 
 @pytest.mark.parametrize("backend", ["flex", "sdpa", "fa3"])
-def test_bf16_autocast_keeps_qkv_and_residual_in_one_dtype(backend, monkeypatch):
-    if backend == "fa3":
-        train.FA3, why = train.load_fa3()
-        if train.FA3 is None:
-            pytest.skip(f"FlashAttention-3 unavailable: {why}")
-    seen = []
-    attend = train.ATTENTION_BACKENDS[backend]
+def test_bf16_autocast_keeps_qkv_and_residual_in_one_dtype(backend):
+    config = tiny_config(sequence_len=256, vocab_size=512, n_embd=256, n_head=2, n_kv_head=2)
+    attend, seen = cuda_attention(backend, config), []
     def recording(q, k, v, window):
         seen.append((q.dtype, k.dtype, v.dtype))
         return attend(q, k, v, window)
-    monkeypatch.setitem(train.ATTENTION_BACKENDS, backend, recording)
-    model = cuda_model(tiny_config(sequence_len=256, vocab_size=512, n_embd=256, n_head=2, n_kv_head=2,
-                                   attention=backend))
+    model = cuda_model(config, recording)
     head_inputs = []
     model.lm_head.register_forward_hook(lambda m, args, out: head_inputs.append(args[0].dtype))
     idx = torch.randint(0, 512, (2, 256), device="cuda")
@@ -121,9 +127,9 @@ def test_accumulated_micro_batches_give_the_batch_gradient():
 def test_no_recompilation_after_step_one():
     """The schedules change lr, momentum and weight decay every step: as 0-D tensors they must not recompile."""
     from torch._dynamo.utils import counters
-    config = tiny_config(sequence_len=256, vocab_size=512, n_embd=128, n_head=2, n_kv_head=2, attention="flex")
-    model = cuda_model(config)
-    optimizer = model.setup_optimizer(orth_dtype=torch.bfloat16, compile=True)
+    config = tiny_config(sequence_len=256, vocab_size=512, n_embd=128, n_head=2, n_kv_head=2)
+    model = cuda_model(config, cuda_attention("flex", config))
+    optimizer = model.setup_optimizer(dtype=torch.bfloat16, compile=True)
     step_model = torch.compile(model, dynamic=False)
     idx = torch.randint(0, 512, (4, 257), device="cuda")
     graphs = []

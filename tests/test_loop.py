@@ -19,14 +19,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from train import GPT, GPTConfig, norm
+from train import GPTConfig, LoopedGPT, norm
 
 V, C, T = 96, 64, 32
 
 
 def tiny_config(**overrides):
     config = dict(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=C, window_pattern="SL",
-                  n_loops=2, attention="sdpa")
+                  n_loops=2)
     return GPTConfig(**{**config, **overrides})
 
 
@@ -34,7 +34,7 @@ def build(config, randomize=(), seed=0, dtype=torch.float32):
     """A model initialised as train.py does (on the meta device first); parameters whose name contains one of
     `randomize` are then drawn from N(0, 0.5) so that their path carries signal."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = LoopedGPT(config)
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.init_weights(torch.float32)
@@ -136,7 +136,7 @@ def test_loopformer_condition_is_the_embedded_time_and_step():
         hidden = mlp[0].weight.double() @ features + mlp[0].bias.double()
         return mlp[2].weight.double() @ (hidden * torch.sigmoid(hidden)) + mlp[2].bias.double()
 
-    conditions = model.conditions()
+    conditions = model.loop_conditions()
     assert len(conditions) == n
     for loop, condition in enumerate(conditions):
         c = embed(model.time_embeds[0], loop / n) + embed(model.time_embeds[1], 1 / n)
@@ -147,7 +147,7 @@ def test_loopformer_gates_get_gradients_at_init_and_training_lowers_the_loss():
     """No dead saddle: the gate rows of every modulation get a gradient from the first backward (the projections
     they gate are not zero); the scale rows, zero while the gates are, get theirs after the first step."""
     model = build(tiny_config(loop_conditioning="loopformer", n_loops=2), seed=3)
-    optimizer = model.setup_optimizer(orth_dtype=torch.float32)
+    optimizer = model.setup_optimizer(dtype=torch.float32)
     data = tokens(2, rows=8, length=T + 1)
     losses = []
     for step in range(12):
@@ -264,7 +264,7 @@ def test_every_matrix_optimizer_trains_a_routed_model(monkeypatch, rule, lr):
     monkeypatch.setattr(train, "MATRIX_OPTIMIZER", rule)
     monkeypatch.setattr(train, "MATRIX_LR", lr)
     model = build(mor_config((1.0, 0.5)), seed=8)
-    optimizer = model.setup_optimizer(orth_dtype=torch.float32)
+    optimizer = model.setup_optimizer(dtype=torch.float32)
     data = tokens(11, rows=8, length=T + 1)
     x, y = data[:, :-1], data[:, 1:]
     losses = []
@@ -272,7 +272,7 @@ def test_every_matrix_optimizer_trains_a_routed_model(monkeypatch, rule, lr):
         loss = model(x, y)
         loss.backward()
         if rule == "newton_muon" and (step + 1) % 8 == 0:
-            optimizer.refresh_preconditioners(train.input_second_moments(model, x))
+            train.refresh_newton_muon(optimizer, train.input_second_moments(model, x))
         optimizer.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -332,20 +332,20 @@ def test_routed_flops_count_what_runs():
 @pytest.mark.parametrize("capacity", [(1.0,), (1.0, 0.5, 0.5), (0.5, 0.5), (1.0, 0.0), (1.0, 1.5), 0.5])
 def test_bad_capacity_is_one_line_naming_the_constant(capacity):
     with pytest.raises(SystemExit, match=r"MOR_CAPACITY = .*N_LOOPS = 2 fractions in \(0, 1\], the first 1.0"):
-        GPT(tiny_config(loop_routing="mor", mor_capacity=capacity))
+        LoopedGPT(tiny_config(loop_routing="mor", mor_capacity=capacity))
 
 
 def test_unknown_loop_options_name_the_constants():
     with pytest.raises(SystemExit, match="LOOP_CONDITIONING = 'adaln'.*use gates or loopformer"):
-        GPT(tiny_config(loop_conditioning="adaln"))
+        LoopedGPT(tiny_config(loop_conditioning="adaln"))
     with pytest.raises(SystemExit, match="LOOP_ROUTING = 'topk'.*none or mor"):
-        GPT(tiny_config(loop_routing="topk"))
+        LoopedGPT(tiny_config(loop_routing="topk"))
 
 
 def test_model_config_carries_the_loop_constants(monkeypatch):
     for name, value in (("N_LOOPS", 3), ("LOOP_CONDITIONING", "loopformer"), ("LOOP_ROUTING", "mor"),
                         ("MOR_CAPACITY", (1.0, 0.5, 0.25))):
         monkeypatch.setattr(train, name, value)
-    config = train.model_config(2, V)
+    config = train.model_config(V)
     assert (config.n_loops, config.loop_conditioning, config.loop_routing, config.mor_capacity) == \
         (3, "loopformer", "mor", (1.0, 0.5, 0.25))

@@ -1,5 +1,5 @@
 """
-Optimizer tests for train.py's MuonAdamW, each against an independent reference:
+Optimizer tests for train.py's MatrixAdamW, each against an independent reference:
 - Polar Express: singular values (float64 SVD) of its output lie in a band around 1 for tall, wide and square
   inputs; the band is that of the published quintic composition on its design interval [1e-3, 1].
 - Muon: a 1-matrix step equals a plain float64 reimplementation (momentum, Polar Express on the wide side,
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train
-from train import MuonAdamW, POLAR_EXPRESS_COEFFS, cautious_update_, normuon, polar_express
+from train import MatrixAdamW, POLAR_EXPRESS_COEFFS, cautious_update_, normuon, polar_express
 
 # Polar Express maps singular values s/||X||_F in [1e-3, 1] into this band (exact arithmetic; see
 # test_quintic_composition_band), and bf16 arithmetic widens it by about 0.01 on each side
@@ -127,7 +127,7 @@ class ReferenceMuon:
 def muon_optimizer(params, lr=0.04, beta2=0.95, weight_decay=0.2):
     group = dict(kind="matrix", rule="normuon", params=params, lr=lr, momentum=0.85, beta2=beta2, ns_steps=5,
                  weight_decay=weight_decay)
-    return MuonAdamW([group], orth_dtype=torch.float64)
+    return MatrixAdamW([group], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16)])
@@ -232,7 +232,7 @@ def test_adamw_matches_torch_adamw():
     oracle = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     groups = [dict(kind="adamw", params=ours[:2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
               dict(kind="adamw", params=ours[2:], lr=0.5, betas=(0.96, 0.95), eps=1e-10, weight_decay=0.0)]
-    optimizer = MuonAdamW(groups)
+    optimizer = MatrixAdamW(groups)
     reference = torch.optim.AdamW([dict(params=oracle[:2], lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),
                                    dict(params=oracle[2:], lr=0.5, betas=(0.96, 0.95), weight_decay=0.0)], eps=1e-10)
     for step in range(5):
@@ -250,7 +250,7 @@ def test_adamw_matches_torch_adamw():
 def test_setup_optimizer_groups_every_parameter_once():
     model = train.GPT(tiny_config(n_embd=128, n_head=2, n_kv_head=1))
     model.init_weights(torch.float32)
-    optimizer = model.setup_optimizer(orth_dtype=torch.float32)
+    optimizer = model.setup_optimizer(dtype=torch.float32)
     seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
     muon = [group for group in optimizer.param_groups if group["kind"] == "matrix"]
@@ -270,7 +270,7 @@ def test_training_steps_reduce_the_loss():
     torch.manual_seed(0)
     model = train.GPT(tiny_config())
     model.init_weights(torch.float32)
-    optimizer = model.setup_optimizer(orth_dtype=torch.float32)
+    optimizer = model.setup_optimizer(dtype=torch.float32)
     idx = torch.randint(0, 96, (4, 33))
     losses = []
     for _ in range(15):
@@ -287,13 +287,17 @@ def test_schedules():
     assert train.lr_multiplier(1 - train.WARMDOWN_RATIO) == 1.0
     assert math.isclose(train.lr_multiplier(1 - train.WARMDOWN_RATIO / 2), (1 + train.FINAL_LR_FRAC) / 2)
     assert math.isclose(train.lr_multiplier(1.0), train.FINAL_LR_FRAC)
-    start, end, ramp = train.MUON_MOMENTUM_START, train.MUON_MOMENTUM_END, train.MUON_MOMENTUM_RAMP_STEPS
-    assert train.muon_momentum(0) == start
-    assert math.isclose(train.muon_momentum(ramp // 2), (start + end) / 2)
-    assert train.muon_momentum(10 * ramp) == end
-    assert train.weight_decay_multiplier(0.0) == 1.0 and train.weight_decay_multiplier(1.0) == 0.0
+    start, end, ramp = train.MATRIX_MOMENTUM_START, train.MATRIX_MOMENTUM_END, train.MATRIX_MOMENTUM_RAMP_STEPS
+    assert train.matrix_momentum(0) == start
+    assert math.isclose(train.matrix_momentum(ramp // 2), (start + end) / 2)
+    assert train.matrix_momentum(10 * ramp) == end
+    optimizer = train.GPT(tiny_config()).setup_optimizer(dtype=torch.float32)
+    for progress in (0.0, 0.25, 1.0):  # weight decay falls linearly to 0 over the budget
+        train.update_schedules(optimizer, 0, progress)
+        assert all(math.isclose(g["weight_decay"], g["initial_weight_decay"] * (1 - progress))
+                   for g in optimizer.param_groups)
 
 
 def test_constant_momentum_when_the_ramp_is_zero(monkeypatch):
-    monkeypatch.setattr(train, "MUON_MOMENTUM_RAMP_STEPS", 0)
-    assert train.muon_momentum(0) == train.muon_momentum(1000) == train.MUON_MOMENTUM_END
+    monkeypatch.setattr(train, "MATRIX_MOMENTUM_RAMP_STEPS", 0)
+    assert train.matrix_momentum(0) == train.matrix_momentum(1000) == train.MATRIX_MOMENTUM_END

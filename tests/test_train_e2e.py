@@ -86,7 +86,7 @@ def test_short_run_prints_summary_and_learns(cache, tmp_path):
     statistics refreshed every NEWTON_REFRESH_STEPS steps (5 here), which a print added after the refresh call in
     the copy reports."""
     path = train_copy(tmp_path, N_LOOPS="2", MATRIX_OPTIMIZER='"newton_muon"', NEWTON_REFRESH_STEPS="5")
-    call = "optimizer.refresh_preconditioners(input_moments)"
+    call = "refresh_newton_muon(optimizer, input_second_moments(model, x))"
     source = path.read_text()
     assert source.count(call) == 1
     path.write_text(source.replace(call, call + "; print(f'\\nrefreshed at step {step}')"))
