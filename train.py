@@ -203,8 +203,7 @@ class GPT(nn.Module):
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -bound, bound)
         self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.zero_()
-        self.x0_lambdas[:self.config.n_layer] = 0.1
+        self.x0_lambdas.fill_(0.1)
         self.wte.to(dtype)
         self.value_embeds.to(dtype)
         self.cos, self.sin = rotary_tables(self.config.sequence_len, d // self.config.n_head, dtype, self.cos.device)
@@ -280,7 +279,9 @@ class GPT(nn.Module):
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "a parameter has no group"
         return MatrixAdamW([g for g in groups if g["params"]], dtype=dtype, compile=compile)
 
+# ---------------------------------------------------------------------------
 # Variant: the looped transformer (N_LOOPS > 1), with LoopFormer conditioning and Mixture-of-Recursions routing
+# ---------------------------------------------------------------------------
 
 TIME_FEATURES = 32  # loopformer: sinusoid features of t and dt; LoopFormer's 256 barely differ for t in [0, 1)
 
@@ -353,7 +354,8 @@ class LoopedGPT(GPT):
 
     @torch.no_grad()
     def init_weights(self, dtype):
-        super().init_weights(dtype)  # x0_lambdas 0.1 on the first loop, 0 on extra loops: they start as the identity
+        super().init_weights(dtype)
+        self.x0_lambdas[self.config.n_layer:] = 0  # with zero gates, every extra loop starts as the identity
         for loop_embed in self.loop_embeds:  # after the shared weights, so they draw what N_LOOPS = 1 draws
             nn.init.normal_(loop_embed, std=1.0)
         for linear in (m for m in self.time_embeds.modules() if isinstance(m, nn.Linear)):
