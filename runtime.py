@@ -312,7 +312,8 @@ class Runtime:
     def attention(self, seq_len, windows):
         """attend(q, k, v, window) on the chosen backend (one of ATTENTION_BACKENDS), for seq_len and these windows."""
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend {self.attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+            raise ValueError(f"attention backend {self.attention_backend!r}: use one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
         if self.attention_backend == "fa3":
             return attention_fa3(self.fa3)
         if self.attention_backend == "flex":
