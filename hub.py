@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import uvicorn
 
 from hub.api import TimedH11Protocol, app
 from hub.core import Config, Hub
+from hub.gitrepo import checkout_files
 from hub.store import Store, revoke_key
 
 DEFAULT_PORT = 8765
@@ -59,12 +61,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-diff-kb", type=float, default=Config.max_diff_kb, help="a longer diff is cut here")
     p.add_argument("--allowed-paths", nargs="+", default=Config.allowed_paths,
                    help="the files a push may change; every other file must match the baseline's")
-    p.add_argument("--baseline", type=full_hash, help="the commit (full hash) whose files pushes must keep "
-                   "outside --allowed-paths; default: the first commit the hub accepted")
+    baseline = p.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", type=full_hash, help="the commit (full hash) whose files pushes must keep "
+                          "outside --allowed-paths; an agent pushes it")
+    baseline.add_argument("--baseline-from", type=Path, metavar="CHECKOUT", help="take those files from the HEAD "
+                          "of this checkout of the project; default, without --baseline: the one hub.py is in")
     p.add_argument("--log-level", default="info", help="uvicorn's log level; 'warning' hides the access log")
     p.add_argument("--revoke", metavar="AGENT", help="revoke this agent's key in --data and exit (the hub may be "
                    "running: the key stops working at once; its commits and posts stay)")
     return p.parse_args(argv)
+
+
+def baseline_files(args: argparse.Namespace) -> tuple[str, dict | None]:
+    """The operator's baseline: a commit (--baseline), or a checkout's HEAD and its files (--baseline-from)."""
+    if args.baseline:
+        return args.baseline, None
+    checkout = args.baseline_from or Path(__file__).resolve().parent
+    try:
+        return checkout_files(checkout)
+    except (subprocess.CalledProcessError, OSError):
+        sys.exit(f"hub: {checkout} is not a git checkout with a commit: give --baseline-from CHECKOUT of the "
+                 "project, or --baseline COMMIT")
 
 
 def revoke(data: Path, agent_id: str) -> None:
@@ -102,17 +119,20 @@ def main(argv=None) -> None:
     if args.revoke:
         revoke(args.data, args.revoke)
         return
+    baseline, files = baseline_files(args)
     config = Config(args.data, args.admin_key, args.max_bundle_mb, args.max_pushes_per_hour,
                     args.max_posts_per_hour, args.max_registrations_per_hour, max_object_mb=args.max_object_mb,
                     max_push_mb=args.max_push_mb, max_commits_per_push=args.max_commits_per_push,
                     max_message_kb=args.max_message_kb, max_diff_kb=args.max_diff_kb,
-                    allowed_paths=tuple(args.allowed_paths), baseline=args.baseline,
+                    allowed_paths=tuple(args.allowed_paths), baseline=baseline, baseline_files=files,
                     max_new_agents_per_hour=args.max_new_agents_per_hour,
                     max_uploads_per_agent=args.max_uploads_per_agent, read_timeout=args.read_timeout,
                     allowed_hosts=served_names(args.host, args.allowed_host))
     app.state.hub = Hub(config)  # opens the index and the repository and recovers from any kill before serving
     access = "closed (admin key)" if config.admin_key else f"open ({config.max_registrations_per_hour}/hour/address)"
     print(f"hub: data {config.data.resolve()}, registration {access}, http://{args.host}:{args.port}/", flush=True)
+    source = f"the files of {args.baseline_from or 'this checkout'} at" if files is not None else "commit"
+    print(f"hub: baseline {source} {baseline}: pushes may change only {', '.join(config.allowed_paths)}", flush=True)
     print(f"hub: answers to Host {', '.join(config.allowed_hosts)} and loopback", flush=True)
     TimedH11Protocol.read_timeout = config.read_timeout
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=TimedH11Protocol,

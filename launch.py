@@ -121,8 +121,9 @@ def checkout_root() -> Path:
         fail(f"{Path.cwd()} is not in a git repository: run launch.py from your checkout of autoresearch")
 
 
-def start_hub(folder: Path, port: int, admin_key: str) -> subprocess.Popen:
-    """hub.py on 127.0.0.1:port with its data in folder/hub-data, in a process group of its own."""
+def start_hub(folder: Path, port: int, admin_key: str, baseline: Path) -> subprocess.Popen:
+    """hub.py on 127.0.0.1:port with its data in folder/hub-data, in a process group of its own; pushes may change
+    only train.py from the files of the checkout `baseline`."""
     with socket.socket() as s:  # a hub already on the port would answer our health checks instead
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -131,8 +132,8 @@ def start_hub(folder: Path, port: int, admin_key: str) -> subprocess.Popen:
             fail(f"port {port} is in use: give --port another, or --hub URL to join the hub there")
     with open(folder / "hub.log", "ab") as log:
         return subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(folder / "hub-data"), "--port",
-                                 str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+                                 str(port), "--log-level", "warning", "--baseline-from", str(baseline)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
                                 env={**os.environ, "HUB_ADMIN_KEY": admin_key})
 
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             url = args.hub.rstrip("/")
         else:
             env["HUB_ADMIN_KEY"] = secrets.token_hex(32)  # a closed hub: registration needs the key, no rate limit
-            hub, url = start_hub(folder, args.port, env["HUB_ADMIN_KEY"]), f"http://127.0.0.1:{args.port}"
+            hub, url = start_hub(folder, args.port, env["HUB_ADMIN_KEY"], repo), f"http://127.0.0.1:{args.port}"
             print(f"launch: hub {url}/ (data {folder / 'hub-data'}, log {folder / 'hub.log'})")
         wait_for_hub(url, hub, folder / "hub.log")
         for i, (worktree, gpu) in enumerate(zip(worktrees, gpus)):

@@ -36,7 +36,8 @@ class Config:
     max_message_kb: float = 4               # one commit message
     max_diff_kb: float = 1024               # what GET /api/git/diff returns before it is cut
     allowed_paths: tuple[str, ...] = ("train.py",)  # every other file must match the baseline's
-    baseline: str | None = None             # that commit; unset: the first commit the hub accepted
+    baseline: str | None = None             # that commit, pushed by an agent (--baseline); or else:
+    baseline_files: dict | None = None      # path -> (mode, blob) of the operator's checkout (--baseline-from)
     max_new_agents_per_hour: int = 100      # from all addresses together, only when registration is open
     max_uploads_per_agent: int = 2          # pushes one agent may be sending at once
     read_timeout: float = 30.0              # seconds a client may leave a request's header or body stalled
@@ -188,19 +189,19 @@ class Hub:
     def check_trees(self, commits: list[dict], env: dict) -> None:
         if not commits:
             return
-        baseline = self.baseline() or commits[0]["hash"]  # the hub's first push sets the baseline
-        try:
-            baseline_files = tree_files(self.repo, baseline, env)
-        except GitError:
-            raise BadBundle(f"the hub's baseline is commit {baseline} (--baseline), which it does not have yet: "
-                            "push that commit first") from None
+        baseline, baseline_files = self.config.baseline, self.config.baseline_files
+        if baseline is None:
+            raise BadBundle("this hub has no baseline to check pushes against: its operator starts it with "
+                            "--baseline or --baseline-from")
+        if baseline_files is None:
+            try:
+                baseline_files = tree_files(self.repo, baseline, env)
+            except GitError:
+                raise BadBundle(f"the hub's baseline is commit {baseline} (--baseline), which it does not have yet: "
+                                "push that commit first") from None
         for c in commits:
             check_tree(c["hash"], tree_files(self.repo, c["hash"], env), baseline, baseline_files,
                        set(self.config.allowed_paths))
-
-    def baseline(self) -> str | None:
-        first = self.store.row("SELECT hash FROM commits ORDER BY seq LIMIT 1")
-        return self.config.baseline or (first["hash"] if first else None)
 
     def resolve(self, text: str) -> str:
         """A full hash from a unique prefix of at least 7 hex characters."""

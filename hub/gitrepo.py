@@ -229,6 +229,19 @@ def tree_files(repo: Path, commit: str, env: dict) -> dict[str, tuple[str, str]]
     out, more = git_head(repo, "ls-tree", "-r", "-z", "--full-tree", commit, limit=MAX_TREE_LISTING, env=env)
     if more:
         raise TooLarge(f"commit {commit}'s tree lists over {MAX_TREE_LISTING >> 20} MB of paths")
+    return parse_tree(out)
+
+
+def checkout_files(checkout: Path) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The HEAD commit of a checkout of the project and the files of its tree, as tree_files gives them."""
+    def run(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, check=True).stdout
+
+    head = run("rev-parse", "--verify", "HEAD").decode().strip()
+    return head, parse_tree(run("ls-tree", "-r", "-z", "--full-tree", head))
+
+
+def parse_tree(out: bytes) -> dict[str, tuple[str, str]]:
     files = {}
     for entry in out.decode(errors="replace").split("\x00"):
         if entry:

@@ -24,7 +24,7 @@ import pytest
 
 import campaign
 import test_analysis
-import test_hub
+import hub_helpers
 from bench import runs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -355,7 +355,7 @@ def test_hub_gets_every_row_and_each_kept_commit(tmp_path):
     """--hub: every row posted in program-hub.md's format, the kept commit pushed (so it ranks), the discard not."""
     hub_dir = tmp_path / "hub"
     hub_dir.mkdir()
-    server = test_hub.HubServer(hub_dir / "data").start()
+    server = hub_helpers.HubServer(hub_dir / "data").start()
     try:
         c, exp = scripted_campaign(tmp_path, [0.9, 1.2])  # a keep, then a discard
         c.baseline = campaign.find_baseline(c.repo, c.tag, orphan=True)[0]
@@ -368,7 +368,7 @@ def test_hub_gets_every_row_and_each_kept_commit(tmp_path):
         other = dict(exp, id="Y", edits={"SEED": "8"})
         other["source"] = campaign.edited_source(c.source, other, "cpu")
         c.experiment(other, 1.0, 0.01)
-        agent = test_hub.Agent(server, c.hub.agent, c.hub.key)
+        agent = hub_helpers.Agent(server, c.hub.agent, c.hub.key)
         posts = [p["content"] for p in agent.get("/api/channels/results/posts").json()]
         assert sorted(posts) == sorted(
             f"commit:{r['commit']} platform:test-CPU val_bpb:{r['val_bpb']} vram_gb:{r['memory_gb']} "

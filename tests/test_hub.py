@@ -4,18 +4,15 @@ The real server (hub.py) runs as a subprocess on a free port of 127.0.0.1; agent
 temporary folders, driven by the bash blocks of program-hub.md exactly as written (curl included). Checked against
 git itself: a fetched bundle must unbundle and check out in an unrelated repository, and bad pushes must leave the
 index, the object store and the incoming folder as they were.
-Run: uv run pytest tests/test_hub.py   (the helpers here are shared by tests/test_hub_*.py)
+Run: uv run pytest tests/test_hub.py   (the helpers are in tests/hub_helpers.py)
 """
 import hashlib
 import os
 import re
-import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,180 +22,8 @@ import pytest
 import requests
 
 from hub.core import Config, Hub, HubError
-
-ROOT = Path(__file__).resolve().parent.parent
-BASE_ENV = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
-            "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.com", "GIT_CONFIG_NOSYSTEM": "1"}
-JSON = {"Content-Type": "application/json"}
-needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed; program-hub.md uses it")
-
-# ---------------------------------------------------------------------------
-# Helpers: a hub subprocess, git repositories, program-hub.md's blocks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class HubServer:
-    """hub.py as a subprocess on a free loopback port; start() returns once /api/health answers."""
-
-    def __init__(self, data: Path, *flags: str):
-        self.data, self.flags = data, flags
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-        self.log = open(data.parent / f"hub-{self.port}.log", "ab")
-
-    def start(self) -> "HubServer":
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(self.data), "--port",
-                                      str(self.port), "--log-level", "warning", *self.flags],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.data.parent / f"hub-{self.port}.log").read_text()
-            try:
-                if requests.get(self.url + "/api/health", timeout=1).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise TimeoutError("hub did not become healthy")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.log.close()
-
-    def register(self, name: str, admin_key: str | None = None) -> "Agent":
-        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-        r = requests.post(self.url + "/api/register", json={"id": name}, headers=headers)
-        assert r.status_code == 201, r.text
-        return Agent(self, r.json()["id"], r.json()["api_key"])
-
-
-class Agent:
-    def __init__(self, hub: HubServer, name: str, key: str):
-        self.hub, self.name, self.key = hub, name, key
-        self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Bearer {key}"
-
-    def get(self, path: str, **kw) -> requests.Response:
-        return self.http.get(self.hub.url + path, **kw)
-
-    def post(self, path: str, **kw) -> requests.Response:
-        return self.http.post(self.hub.url + path, **kw)
-
-    def push(self, bundle: bytes) -> requests.Response:
-        return self.post("/api/git/push", data=bundle)
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, env=BASE_ENV, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-def make_repo(path: Path, seed: str) -> Path:
-    """A stand-in for a checkout of this project: its .gitignore, stand-ins for its other files (the same in every
-    checkout, as the hub's baseline wants: only train.py differs), one upstream commit."""
-    path.mkdir(parents=True)
-    git(path, "init", "--quiet", "-b", "main")
-    for name in ("prepare.py", "pyproject.toml", "uv.lock", ".python-version", "program.md", "program-hub.md",
-                 "README.md"):
-        (path / name).write_text(f"{name} of this project\n")
-    (path / "train.py").write_text(f"# {seed}\nlr = 1.0\n")
-    shutil.copy(ROOT / ".gitignore", path / ".gitignore")
-    git(path, "add", ".")
-    git(path, "commit", "--quiet", "-m", f"upstream history of {seed}")
-    return path
-
-
-def commit_change(repo: Path, text: str, message: str) -> str:
-    with open(repo / "train.py", "a") as f:
-        f.write(text)
-    git(repo, "commit", "--quiet", "-am", message)
-    return git(repo, "rev-parse", "HEAD")
-
-
-def bundle(repo: Path, *revs: str) -> bytes:
-    return subprocess.run(["git", "bundle", "create", "--quiet", "-", *(revs or ("HEAD",))], cwd=repo,
-                          env=BASE_ENV, check=True, capture_output=True).stdout
-
-
-def program_blocks() -> dict[str, str]:
-    """program-hub.md's bash blocks by their first-line comment, e.g. '# push'."""
-    text = (ROOT / "program-hub.md").read_text()
-    blocks = [textwrap.dedent(b) for b in re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, re.M | re.S)]
-    return {b.split("\n", 1)[0].lstrip("# ").strip(): b for b in blocks}
-
-
-def run_blocks(hub: HubServer, home: Path, repo: Path, names: list[str], check: bool = True, **env: str) -> str:
-    """Run program-hub.md's blocks as written, in this order and in one bash, in the checkout `repo` with HOME `home`
-    ('register once' loads the key of an agent that is registered already); check: the script must succeed."""
-    blocks = program_blocks()
-    script = "\n".join(blocks[name] for name in names)
-    result = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, text=True, timeout=60,
-                            env={**BASE_ENV, "HOME": str(home), "HUB": hub.url, **env})
-    assert result.returncode == 0 or not check, result.stdout + result.stderr
-    return result.stdout
-
-
-def startup_lines(dataset: str, profile: str) -> str:
-    """The start-up line naming profile and dataset, rendered from train.py's own print call."""
-    call = re.search(r'^    print\((f"profile: .*)\)$', (ROOT / "train.py").read_text(), re.M)[1]
-    names = {"PROFILE": profile, "PROFILE_REASON": "no CUDA device, no AMX", "dataset": dataset, "MAX_SEQ_LEN": 256}
-    return f"device:    cpu (test cpu, 2 threads)\n{eval(call, names)}\n"
-
-
-def write_run_log(repo: Path, val_bpb: float | None, dataset: str = "stdlib", profile: str = "cpu") -> None:
-    """run.log of a finished train.py run, or of a run that crashed after its start-up lines (val_bpb None)."""
-    tail = (f"step 100\n---\nval_bpb:          {val_bpb:.6f}\npeak_vram_mb:     2048.0\ndevice:           cpu\n"
-            f"profile:          {profile}\ndataset:          {dataset}\n") if val_bpb else "torch.OutOfMemoryError\n"
-    (repo / "run.log").write_text(startup_lines(dataset, profile) + tail)
-
-
-def log_row(repo: Path, val_bpb: str, memory_gb: str, status: str, description: str, commit: str = "HEAD") -> None:
-    """A row of results.tsv as program.md logs it (the header first, once)."""
-    tsv = repo / "results.tsv"
-    if not tsv.exists():
-        tsv.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
-    with open(tsv, "a") as f:
-        f.write(f"{git(repo, 'rev-parse', '--short', commit)}\t{val_bpb}\t{memory_gb}\t{status}\t{description}\n")
-
-
-def agent_of(hub: HubServer, repo: Path) -> "Agent":
-    """The agent whose key program-hub.md saved in this checkout."""
-    creds = dict(re.findall(r'export (\w+)="(.*)"', (repo / ".agenthub" / "creds").read_text()))
-    return Agent(hub, creds["AGENT_ID"], creds["HUB_KEY"])
-
-
-def written_since(folder: Path, since_ns: int, marks: list[str]) -> list[Path]:
-    """Files directly in `folder` changed since `since_ns` that hold one of `marks` (a hash, a key, a name)."""
-    found = []
-    for path in folder.iterdir():
-        try:
-            if path.is_file() and path.stat().st_mtime_ns >= since_ns:
-                head = path.read_bytes()[:65536]
-                found += [path] if any(m.encode() in head for m in marks) else []
-        except OSError:  # another user's file, or one that vanished
-            pass
-    return found
-
-
-def hub_state(data: Path) -> dict:
-    """What a bad request must not change: index rows, git objects, leftovers in incoming/."""
-    with sqlite3.connect(data / "hub.db") as db:
-        counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                  for t in ("agents", "commits", "edges", "channels", "posts", "results")}
-    objects = subprocess.run(["git", "--git-dir", str(data / "repo.git"), "count-objects", "-v"],
-                             capture_output=True, text=True, check=True).stdout
-    return {**counts, "objects": objects, "incoming": sorted(os.listdir(data / "incoming"))}
+from hub_helpers import (JSON, HubServer, agent_of, bundle, commit_change, git, hub_state, log_row, make_repo,
+                         needs_curl, run_blocks, run_log, stand_in_uv, write_run_log, written_since)
 
 # ---------------------------------------------------------------------------
 # Fixtures
@@ -238,7 +63,9 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     assert '"ok":true' in address and "agent alpha\n" in address
     assert git(repo_a, "rev-list", "--count", "HEAD") == "1"  # orphan: none of the upstream history
     assert git(repo_a, "ls-tree", "--name-only", "HEAD") == git(repo_a, "ls-tree", "--name-only", "main")
-    write_run_log(repo_a, 1.1)
+    uv = stand_in_uv(tmp_path)  # the run block runs train.py in the sandbox, and this stands in for its output
+    (tmp_path / "run-a.log").write_text(run_log(1.1))
+    assert "exit 0" in run_blocks(hub, home, repo_a, ["run"], FAKE_RUN_LOG=str(tmp_path / "run-a.log"), **uv)
     log_row(repo_a, "1.100000", "2.0", "keep", "baseline")
     assert git(repo_a, "status", "--porcelain") == ""  # run.log, results.tsv and .agenthub/ are ignored by rule
     out = run_blocks(hub, home, repo_a, ["register once", "read the result", "post the result", "push"],
@@ -256,7 +83,8 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
                HASH=short)
     assert git(repo_b, "rev-parse", "HEAD") == baseline
     improved = commit_change(repo_b, "lr = 0.5\n", "halve the learning rate")
-    write_run_log(repo_b, 1.05)
+    (tmp_path / "run-b.log").write_text(run_log(1.05))
+    assert "exit 0" in run_blocks(hub, home, repo_b, ["run"], FAKE_RUN_LOG=str(tmp_path / "run-b.log"), **uv)
     log_row(repo_b, "1.050000", "2.0", "keep", "halve the learning rate")
     out = run_blocks(hub, home, repo_b,
                      ["register once", "read the result", "post the result", "push", "read the hub"],
@@ -269,7 +97,7 @@ def test_two_agents_run_the_loop_from_program_hub(hub, tmp_path):
     assert any(line.endswith("| DISCARD: baseline on climbmix cpu") for line in seen["#results"])
     assert f"{improved[:7]} depth 1 beta: halve the learning rate" in seen["leaves"]
 
-    beta = agent_of(hub, repo_b)
+    beta = agent_of(hub, repo_b, home)
     assert [c["hash"] for c in beta.get(f"/api/git/commits/{short}/children").json()] == [improved]
     leaves = {c["hash"]: c for c in beta.get("/api/git/leaves").json()}
     assert improved in leaves and baseline not in leaves
@@ -341,7 +169,7 @@ def test_crashes_and_a_discard_are_posted_as_program_md_logs_them(hub, tmp_path)
     out = run_blocks(hub, home, repo, [*post, "discuss", "discuss"], check=False, PLATFORM="gamma-gpu",
                      MSG="**wider** is out of memory at 2 GB")
     assert out.count('"channel":"discussion"') == 1  # the block unsets MSG: running it again posts nothing
-    gamma = agent_of(hub, repo)
+    gamma = agent_of(hub, repo, home)
     results = gamma.get("/api/results", params={"platform": "gamma-gpu"}).json()
     assert [(r["status"], r["val_bpb"], r["vram_gb"], r["commit"], r["dataset"], r["profile"], r["description"])
             for r in results] == [
@@ -366,13 +194,13 @@ def test_a_taken_name_saves_no_key_and_the_default_name_is_unique(hub, mallory, 
     repo, home = make_repo(tmp_path / "t", "taken"), tmp_path / "home"
     home.mkdir()
     out = run_blocks(hub, home, repo, ["register once"], check=False, AGENT_NAME="mallory")
-    assert "is taken" in out and not (repo / ".agenthub" / "creds").exists()
+    assert "is taken" in out and not (repo / ".agenthub" / "agent").exists() and not (home / ".config").exists()
     out = run_blocks(hub, home, repo, ["register once"])  # no AGENT_NAME: the host name and a random suffix
-    name = agent_of(hub, repo).name
+    name = agent_of(hub, repo, home).name
     assert re.fullmatch(re.escape(socket.gethostname().split(".")[0][:40]) + "-[0-9a-f]{6}", name)
     assert out == f"agent {name}\n"  # never the key
     assert run_blocks(hub, home, repo, ["register once"]) == out  # a restart keeps the name
-    assert agent_of(hub, repo).get("/api/git/leaves").status_code == 200
+    assert agent_of(hub, repo, home).get("/api/git/leaves").status_code == 200
 
 
 @needs_curl
@@ -398,17 +226,19 @@ def test_two_agents_on_one_machine_keep_to_their_own_checkouts(hub, tmp_path):
     outs = at_once(["register once", "read the result", "post the result", "push", "read the hub"],
                    PLATFORM="cpu-pair")
 
-    agents, heads = [agent_of(hub, repo) for repo in repos], [git(repo, "rev-parse", "HEAD") for repo in repos]
+    agents, heads = [agent_of(hub, repo, home) for repo in repos], [git(repo, "rev-parse", "HEAD") for repo in repos]
     assert agents[0].name != agents[1].name and agents[0].key != agents[1].key
     results = agents[0].get("/api/results", params={"platform": "cpu-pair"}).json()
     assert [(r["agent_id"], r["commit"]) for r in results] == [(a.name, h[:7]) for a, h in zip(agents, heads)]
     assert set(heads) <= {c["hash"] for c in agents[0].get("/api/git/leaves").json()}
     for repo, head, out in zip(repos, heads, outs):
         assert head in out  # its push answer lists its commit
-        assert sorted(p.name for p in (repo / ".agenthub").iterdir()) == ["creds", "post.json", "push.bundle"]
+        assert sorted(p.name for p in (repo / ".agenthub").iterdir()) == ["agent", "post.json", "push.bundle"]
         assert head[:7] in (repo / ".agenthub" / "post.json").read_text()
         assert git(repo, "status", "--porcelain") == ""
-    assert list(home.iterdir()) == []
+    keys = home / ".config" / "autoresearch" / "hub-keys"  # the keys, outside the checkouts, and nothing else
+    assert sorted(p for p in home.rglob("*") if p.is_file()) == sorted(keys / a.name for a in agents)
+    assert {oct(p.stat().st_mode & 0o777) for p in [keys, *keys.iterdir()]} == {"0o700", "0o600"}
     marks = [h[:7] for h in heads] + [a.key for a in agents] + [a.name for a in agents]
     for shared in {Path("/tmp"), Path(tempfile.gettempdir())}:
         assert written_since(shared, since, marks) == []

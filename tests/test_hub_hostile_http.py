@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from test_hub import BASE_ENV, JSON, HubServer, bundle, git, hub_state, make_repo
+from hub_helpers import BASE_ENV, JSON, HubServer, bundle, git, hub_state, make_repo
 
 LIST_BYTES = 4 * 1024 * 1024        # hub/api.py's MAX_LIST_BYTES
 SEED = "hostile"                    # every repository here has the same files, so pushes match the hub's baseline

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_hub import ROOT, HubServer, bundle, commit_change, git, hub_state, make_repo
+from hub_helpers import ROOT, HubServer, baseline_config, bundle, commit_change, git, hub_state, make_repo
 
 from hub.core import Config, Hub
 from hub.results import parse_result
@@ -210,7 +210,7 @@ def test_a_full_disk_during_a_push_is_507_and_stores_nothing(tmp_path):
     mount = f"mount -t tmpfs -o size=2m tmpfs {data} && exec \"$@\""
     server.proc = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, "sh",
                                     sys.executable, str(ROOT / "hub.py"), "--data", str(data), "--port",
-                                    str(server.port), "--log-level", "warning"],
+                                    str(server.port), "--log-level", "warning", *server.flags],
                                    stdout=server.log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         for _ in range(300):
@@ -248,7 +248,7 @@ def push_file(hub: Hub, tmp: Path, data: bytes, agent: str = "a") -> list[str]:
 
 
 def test_loose_refs_are_packed(tmp_path):
-    hub = Hub(Config(tmp_path / "data", max_loose_refs=3))
+    hub = Hub(Config(tmp_path / "data", max_loose_refs=3, **baseline_config()))
     refs = tmp_path / "data" / "repo.git" / "refs" / "hub"
     repo = make_repo(tmp_path / "r", SEED)
     pushed = [git(repo, "rev-parse", "HEAD")]
@@ -261,12 +261,12 @@ def test_loose_refs_are_packed(tmp_path):
     assert loose == [2, 0, 1, 2]  # packed on the push that brought the count to 3
     listed = git(tmp_path / "data" / "repo.git", "for-each-ref", "--format=%(objectname)", "refs/hub/").split()
     assert sorted(listed) == sorted(pushed)
-    Hub(Config(tmp_path / "data"))  # a restart packs what is loose
+    Hub(Config(tmp_path / "data", **baseline_config()))  # a restart packs what is loose
     assert list(refs.iterdir()) == []
 
 
 def test_the_pack_folder_is_fsynced_with_the_pack_in_it(tmp_path, monkeypatch):
-    hub = Hub(Config(tmp_path / "data"))
+    hub = Hub(Config(tmp_path / "data", **baseline_config()))
     pack_dir = tmp_path / "data" / "repo.git" / "objects" / "pack"
     synced = []
     real_fsync = os.fsync

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from launch import add_worktree
-from test_hub import (BASE_ENV, ROOT, agent_of, commit_change, free_port, git, make_repo, needs_curl, program_blocks,
+from hub_helpers import (BASE_ENV, ROOT, agent_of, commit_change, free_port, git, make_repo, needs_curl, program_blocks,
                       startup_lines)
 
 # the stand-in agent: setup and a kept run on its first launch, a discarded run on the next, then it waits for
@@ -150,7 +150,7 @@ def test_two_agents_post_to_a_local_hub_stop_on_ctrl_c_and_resume(tmp_path, laun
     logs = [repo / ".agents" / f"agent{i}.log" for i in range(2)]
 
     def hub_rows():
-        rows = agent_of(SimpleNamespace(url=url), trees[0]).get("/api/results", params={"platform": "cpu-launch"})
+        rows = agent_of(SimpleNamespace(url=url), trees[0], home).get("/api/results", params={"platform": "cpu-launch"})
         return sorted((r["agent_id"], r["val_bpb"], r["commit"], r["verified"]) for r in rows.json())
 
     def status(runs: str, best0: str, best1: str) -> bool:
