@@ -355,9 +355,9 @@ def test_hub_gets_every_row_and_each_kept_commit(tmp_path):
     """--hub: every row posted in program-hub.md's format, the kept commit pushed (so it ranks), the discard not."""
     hub_dir = tmp_path / "hub"
     hub_dir.mkdir()
-    server = hub_helpers.HubServer(hub_dir / "data").start()
+    c, exp = scripted_campaign(tmp_path, [0.9, 1.2])  # a keep, then a discard
+    server = hub_helpers.HubServer(hub_dir / "data", "--baseline-from", str(c.repo)).start()
     try:
-        c, exp = scripted_campaign(tmp_path, [0.9, 1.2])  # a keep, then a discard
         c.baseline = campaign.find_baseline(c.repo, c.tag, orphan=True)[0]
         subprocess.run(["git", "update-ref", f"refs/campaigns/{c.tag}/baseline", c.baseline], cwd=c.repo, check=True)
         c.hub = campaign.Hub(server.url, c.repo)
