@@ -48,8 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-uploads-per-agent", type=int, default=Config.max_uploads_per_agent,
                    help="pushes one agent may be sending at once")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="beyond it, new requests get 503")
+    p.add_argument("--max-connections-per-address", type=int, default=Config.max_connections_per_address,
+                   help="open at once from one client address (--trusted-proxy is not capped); beyond it, closed")
     p.add_argument("--read-timeout", type=float, default=Config.read_timeout,
                    help="seconds before a stalled request header or body is dropped")
+    p.add_argument("--first-byte-timeout", type=float, default=Config.first_byte_timeout,
+                   help="seconds a connection may stay silent before its request's first byte")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name clients use for this hub besides loopback, --host and this machine's names")
     p.add_argument("--trusted-proxy", metavar="ADDRESS",
@@ -127,6 +131,8 @@ def main(argv=None) -> None:
                     allowed_paths=tuple(args.allowed_paths), baseline=baseline, baseline_files=files,
                     max_new_agents_per_hour=args.max_new_agents_per_hour,
                     max_uploads_per_agent=args.max_uploads_per_agent, read_timeout=args.read_timeout,
+                    first_byte_timeout=args.first_byte_timeout,
+                    max_connections_per_address=args.max_connections_per_address,
                     allowed_hosts=served_names(args.host, args.allowed_host))
     app.state.hub = Hub(config)  # opens the index and the repository and recovers from any kill before serving
     access = "closed (admin key)" if config.admin_key else f"open ({config.max_registrations_per_hour}/hour/address)"
@@ -135,6 +141,9 @@ def main(argv=None) -> None:
     print(f"hub: baseline {source} {baseline}: pushes may change only {', '.join(config.allowed_paths)}", flush=True)
     print(f"hub: answers to Host {', '.join(config.allowed_hosts)} and loopback", flush=True)
     TimedH11Protocol.read_timeout = config.read_timeout
+    TimedH11Protocol.first_byte_timeout = config.first_byte_timeout
+    TimedH11Protocol.max_per_address = config.max_connections_per_address
+    TimedH11Protocol.uncapped = frozenset([args.trusted_proxy] if args.trusted_proxy else [])
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=TimedH11Protocol,
                 limit_concurrency=args.max_connections, proxy_headers=args.trusted_proxy is not None,
                 forwarded_allow_ips=args.trusted_proxy)

@@ -208,7 +208,7 @@ async def server_error(request: Request, e: Exception):
 # The API: agents and git
 
 
-@app.get("/api/health")
+@app.api_route("/api/health", methods=["GET", "HEAD"])  # monitors send HEAD
 async def health(request: Request):
     return {"ok": True, "commits": the_hub(request).store.row("SELECT count(*) AS n FROM commits")["n"]}
 
@@ -359,7 +359,7 @@ async def results(request: Request):
 # The dashboard: no JavaScript, and the Content-Security-Policy makes sure none from a post could run
 
 
-@app.get("/", response_class=HTMLResponse)
+@app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
 async def dashboard(request: Request):
     async with page_lock:
         if time.monotonic() - page_cache["at"] > DASHBOARD_SECONDS:
@@ -373,21 +373,46 @@ async def dashboard(request: Request):
 
 
 class TimedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 connection, closed when no request arrives within read_timeout seconds of opening or of
-    the last response: a client that sends nothing, or half a header, cannot hold it."""
-    read_timeout = Config.read_timeout  # hub.py sets --read-timeout
+    """uvicorn's HTTP/1.1 connection with deadlines and a cap per client address, so that idle sockets cannot hold
+    the hub's connections: the first byte of each request must come within first_byte_timeout seconds of opening or
+    of the last response, the whole header within read_timeout; an address past max_per_address open connections
+    has its new ones closed at once (another address is not affected)."""
+    read_timeout = Config.read_timeout                  # hub.py sets these from its flags
+    first_byte_timeout = Config.first_byte_timeout
+    max_per_address = Config.max_connections_per_address
+    uncapped: frozenset[str] = frozenset()              # the trusted proxy, whose connections are everyone's
+    open_per_address = Counter()
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.arm_header_deadline()
+        self.address = (transport.get_extra_info("peername") or ("?",))[0]
+        self.open_per_address[self.address] += 1
+        self.bytes_seen = 0
+        if self.open_per_address[self.address] > self.max_per_address and self.address not in self.uncapped:
+            transport.close()
+            return
+        self.arm_deadlines()
+
+    def connection_lost(self, exc) -> None:
+        self.open_per_address[self.address] -= 1
+        if not self.open_per_address[self.address]:
+            del self.open_per_address[self.address]
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_seen += len(data)
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self.arm_header_deadline()
+        self.arm_deadlines()
 
-    def arm_header_deadline(self) -> None:
-        self.loop.call_later(self.read_timeout, self.close_if_no_request, self.cycle)
+    def arm_deadlines(self) -> None:
+        self.loop.call_later(self.first_byte_timeout, self.close_if_silent, self.cycle, self.bytes_seen)
+        self.loop.call_later(self.read_timeout, self.close_if_silent, self.cycle, None)
 
-    def close_if_no_request(self, cycle_then) -> None:
-        if self.cycle is cycle_then and not self.transport.is_closing():  # no request began since it was armed
+    def close_if_silent(self, cycle_then, bytes_then: int | None) -> None:
+        """Close when no request began since the deadline was armed and, for the first byte's, nothing arrived."""
+        silent = bytes_then is None or self.bytes_seen == bytes_then
+        if self.cycle is cycle_then and silent and not self.transport.is_closing():
             self.transport.close()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from hub.gitrepo import (BadBundle, GitError, TooLarge, check_object_sizes, check_tree, create_refs, delete_refs, git,
                          git_head, hub_refs, index_pack, init_repo, missing_objects, pack_refs, publish_pack,
-                         quarantine_env, read_bundle_header, read_new_commits, remove_unpublished_packs, tree_files)
+                         quarantine_env, read_bundle_header, read_new_commits, remove_stale_locks,
+                         remove_unpublished_packs, tree_files)
 from hub.results import HASH_PREFIX_RE
 from hub.store import Store, claim_results, improvement_depth, utc_now
 
@@ -41,6 +42,8 @@ class Config:
     max_new_agents_per_hour: int = 100      # from all addresses together, only when registration is open
     max_uploads_per_agent: int = 2          # pushes one agent may be sending at once
     read_timeout: float = 30.0              # seconds a client may leave a request's header or body stalled
+    first_byte_timeout: float = 5.0         # seconds from opening (or the last response) to a request's first byte
+    max_connections_per_address: int = 32   # open at once from one client address
     allowed_hosts: tuple[str, ...] = ()     # Host header names served besides loopback and --host
     max_loose_refs: int = 1000              # refs written since the last `git pack-refs`
 
@@ -103,6 +106,10 @@ class Hub:
         """Finish or undo what a killed process left behind, before serving anything."""
         shutil.rmtree(self.incoming, ignore_errors=True)
         self.incoming.mkdir()
+        stale = remove_stale_locks(self.repo)
+        if stale:
+            print(f"hub: removed {len(stale)} lock files a killed git left in {self.repo}: {', '.join(stale[:10])}",
+                  flush=True)
         remove_unpublished_packs(self.repo)
         indexed = {r["hash"] for r in self.store.rows("SELECT hash FROM commits")}
         lost = missing_objects(self.repo, sorted(indexed))

@@ -1,10 +1,12 @@
 """The bare repository: git is always called with an argument list, never through a shell, and a pushed bundle is
 checked in a quarantine object directory before any of its objects become part of the repository."""
 
+import ctypes
 import errno
 import os
 import re
 import resource
+import signal
 import subprocess
 import tempfile
 import threading
@@ -21,6 +23,8 @@ MAX_TREE_LISTING = 1024 * 1024      # `ls-tree -r` of one commit: a few files, u
 # packs are mmapped, which counts against GIT_MEMORY; one thread keeps index-pack's arenas small; bigger blobs stream
 GIT_CONFIG = ("-c", "core.packedGitLimit=256m", "-c", "core.packedGitWindowSize=32m", "-c", "pack.threads=1",
               "-c", "core.bigFileThreshold=16m")
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
 
 
 class GitError(Exception):
@@ -35,9 +39,20 @@ class TooLarge(BadBundle):
     """The bundle is well formed but over one of the hub's size limits (HTTP 413)."""
 
 
-def limit_git_memory() -> None:
-    """Runs in the git child between fork and exec: a delta bomb fails there, not in the server."""
+def limit_git() -> None:
+    """Runs in the git child between fork and exec: a delta bomb fails there, not in the server, and a server
+    killed with SIGKILL takes its git children with it (the kernel kills them when their parent dies)."""
     resource.setrlimit(resource.RLIMIT_AS, (GIT_MEMORY, GIT_MEMORY))
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def remove_stale_locks(repo: Path) -> list[str]:
+    """Lock files that a killed git left (a power cut during pack-refs leaves packed-refs.lock): at start-up no
+    git of ours runs, so each is stale, and git refuses to touch what it locks until it is gone."""
+    stale = sorted(repo.rglob("*.lock"))
+    for lock in stale:
+        lock.unlink()
+    return [str(lock.relative_to(repo)) for lock in stale]
 
 
 def git_command(repo: Path, args: tuple) -> list[str]:
@@ -52,7 +67,7 @@ def git(repo: Path, *args: str, input: bytes | None = None, stdin=None, env: dic
     with GIT_JOBS:
         try:
             result = subprocess.run(git_command(repo, args), input=input, stdin=stdin, capture_output=True,
-                                    env=git_env(env), timeout=GIT_TIMEOUT_S, preexec_fn=limit_git_memory)
+                                    env=git_env(env), timeout=GIT_TIMEOUT_S, preexec_fn=limit_git)
         except subprocess.TimeoutExpired:
             raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s") from None
     if result.returncode != 0:
@@ -68,7 +83,7 @@ def git_head(repo: Path, *args: str, limit: int, env: dict | None = None) -> tup
     huge blobs costs the server `limit` bytes, whatever the blobs expand to."""
     with GIT_JOBS, tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(git_command(repo, args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=errors, env=git_env(env), preexec_fn=limit_git_memory)
+                                stderr=errors, env=git_env(env), preexec_fn=limit_git)
         timer = threading.Timer(GIT_TIMEOUT_S, proc.kill)
         timer.start()
         try:

@@ -51,8 +51,9 @@ class HubServer:
     """hub.py as a subprocess on a free loopback port; start() returns once /api/health answers. Unless the flags
     name a baseline, it is make_repo's files (--baseline-from)."""
 
-    def __init__(self, data: Path, *flags: str):
+    def __init__(self, data: Path, *flags: str, env: dict | None = None):
         named = any(f.startswith("--baseline") for f in flags)
+        self.env = env
         self.data, self.flags = data, flags if named else (*flags, "--baseline-from", str(baseline_checkout()))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -62,7 +63,7 @@ class HubServer:
     def start(self) -> "HubServer":
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(self.data), "--port",
                                       str(self.port), "--log-level", "warning", *self.flags],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.data.parent / f"hub-{self.port}.log").read_text()

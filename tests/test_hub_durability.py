@@ -9,6 +9,8 @@ Run: uv run pytest tests/test_hub_durability.py
 """
 import os
 import random
+import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -178,3 +180,46 @@ def test_concurrent_agents_lose_no_acknowledged_post_or_commit(tmp_path):
         assert reader.get(f"/api/git/commits/{sha}").status_code == 200
     server.stop()
     assert set(pushed) <= check_consistent(data)
+
+
+def test_stale_locks_are_removed_at_start_up_and_git_dies_with_the_hub(tmp_path):
+    """A git child of a hub killed with SIGKILL dies with it; the lock files a killed git leaves (a power cut
+    during pack-refs leaves packed-refs.lock) are removed at the next start, which says so, and the hub serves."""
+    data, wrapper = tmp_path / "data", tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "git").write_text(f'#!/bin/sh\ncase "$*" in *" diff "*) echo $$ > {tmp_path}/diff.pid; exec sleep 120;; '
+                                 f'esac\nexec {shutil.which("git")} "$@"\n')  # a diff that hangs, its pid noted
+    (wrapper / "git").chmod(0o755)
+    server = HubServer(data, env={**os.environ, "PATH": f"{wrapper}:{os.environ['PATH']}"}).start()
+    agent = server.register("locked")
+    repo = make_repo(tmp_path / "repo", "locked")
+    first, second = git(repo, "rev-parse", "HEAD"), commit_change(repo, "x = 1\n", "two")
+    assert agent.push(bundle(repo)).status_code == 200
+    threading.Thread(target=_ignore_disconnect, args=(agent.get, f"/api/git/diff/{first}/{second}"),
+                     daemon=True).start()
+    wait_for(lambda: (tmp_path / "diff.pid").exists() and (tmp_path / "diff.pid").read_text().endswith("\n"))
+    child = int((tmp_path / "diff.pid").read_text())
+    try:
+        server.kill()
+        wait_for(lambda: not alive(child), timeout=5)
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
+
+    (data / "repo.git" / "packed-refs.lock").write_text("")
+    (data / "repo.git" / "refs" / "hub" / f"{second}.lock").write_text("")
+    server.start()
+    log = (tmp_path / f"hub-{server.port}.log").read_text()
+    assert f"hub: removed 2 lock files a killed git left in {data / 'repo.git'}: packed-refs.lock, " in log
+    assert not list((data / "repo.git").rglob("*.lock"))
+    agent.http = requests.Session()
+    agent.http.headers["Authorization"] = f"Bearer {agent.key}"
+    assert agent.push(bundle(repo)).json() == {"added": []} and check_consistent(data) == {first, second}
+    server.stop()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

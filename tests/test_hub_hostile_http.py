@@ -5,6 +5,7 @@ unbounded and its best rows against a min() over what was posted; a JSON list ag
 posts; slow clients against the socket state and the incoming folder; bad input against 400 and an unchanged index.
 Run: uv run pytest tests/test_hub_hostile_http.py
 """
+import re
 import socket
 import subprocess
 import time
@@ -173,3 +174,49 @@ def test_bad_input_is_400_not_500(hub, tmp_path):
     r = agent.push(bundle(repo))
     assert r.status_code == 400 and "date out of range" in r.json()["error"], r.text
     assert hub_state(server.data) == before
+
+# ---------------------------------------------------------------------------
+# Issue 34, items 2 and 8: idle sockets from one address, HEAD, pipelining
+
+
+def raw_request(port: int, source: str, request: bytes = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                responses: int = 1) -> bytes:
+    """What the hub answers on one connection from the loopback address `source`, until `responses` status lines
+    arrived or the hub closed it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as s:
+        s.sendall(request)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < responses and (chunk := s.recv(65536)):
+            got += chunk
+    return got
+
+
+def test_idle_sockets_from_one_address_starve_no_one(tmp_path):
+    """256 connections that send nothing (the default --max-connections): another address is served, and the idle
+    ones are closed within the first-byte deadline, so the address itself is served again soon."""
+    server = HubServer(tmp_path / "data").start()
+    idle = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(256)]
+        assert raw_request(server.port, "127.0.0.2").startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert all(closed_by_server(s) for s in idle)
+        assert time.monotonic() - started < 8  # the first byte's deadline (5 s), not the header's (30 s)
+        assert raw_request(server.port, "127.0.0.1").startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
+def test_head_is_answered_and_pipelined_requests_are_served(hub):
+    server, _ = hub
+    for path in ("/", "/api/health"):
+        r = requests.head(server.url + path)
+        assert r.status_code == 200 and r.content == b"", path
+    three = raw_request(server.port, "127.0.0.1", b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                        b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                        b"POST /api/channels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 2\r\n\r\n[]"
+                        b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", responses=4)
+    assert re.findall(rb"HTTP/1\.1 ([0-9]{3}) ", three) == [b"200", b"200", b"401", b"200"]
