@@ -63,6 +63,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-commits-per-push", type=int, default=Config.max_commits_per_push, help="new commits")
     p.add_argument("--max-message-kb", type=float, default=Config.max_message_kb, help="one commit message")
     p.add_argument("--max-diff-kb", type=float, default=Config.max_diff_kb, help="a longer diff is cut here")
+    p.add_argument("--max-file-kb", type=float, default=Config.max_file_kb, help="one file of --allowed-paths")
+    p.add_argument("--max-objects-per-push", type=int, default=Config.max_objects_per_push,
+                   help="in one bundle's pack, before git reads it")
+    p.add_argument("--max-git-reads-per-hour", type=int, default=Config.max_git_reads_per_hour,
+                   help="diffs and fetches per agent")
+    p.add_argument("--max-git-reads-per-agent", type=int, default=Config.max_git_reads_per_agent,
+                   help="diffs and fetches one agent may wait on at once")
+    p.add_argument("--max-agent-disk-mb", type=float, default=Config.max_agent_disk_mb,
+                   help="what one agent's pushes may add to repo.git, in packs")
+    p.add_argument("--max-disk-mb", type=float, default=Config.max_disk_mb,
+                   help="what all pushes together may add to repo.git (GET /api/health shows the use)")
     p.add_argument("--allowed-paths", nargs="+", default=Config.allowed_paths,
                    help="the files a push may change; every other file must match the baseline's")
     baseline = p.add_mutually_exclusive_group()
@@ -132,7 +143,11 @@ def main(argv=None) -> None:
                     max_new_agents_per_hour=args.max_new_agents_per_hour,
                     max_uploads_per_agent=args.max_uploads_per_agent, read_timeout=args.read_timeout,
                     first_byte_timeout=args.first_byte_timeout,
-                    max_connections_per_address=args.max_connections_per_address,
+                    max_connections_per_address=args.max_connections_per_address, max_file_kb=args.max_file_kb,
+                    max_objects_per_push=args.max_objects_per_push,
+                    max_git_reads_per_hour=args.max_git_reads_per_hour,
+                    max_git_reads_per_agent=args.max_git_reads_per_agent, max_agent_disk_mb=args.max_agent_disk_mb,
+                    max_disk_mb=args.max_disk_mb,
                     allowed_hosts=served_names(args.host, args.allowed_host))
     app.state.hub = Hub(config)  # opens the index and the repository and recovers from any kill before serving
     access = "closed (admin key)" if config.admin_key else f"open ({config.max_registrations_per_hour}/hour/address)"

@@ -5,27 +5,30 @@ runs for tens of milliseconds and the dashboard reads many rows, so these go to 
 other requests."""
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hub.core import Config, Hub, HubError, disk_full
 from hub.dashboard import render_dashboard
-from hub.store import (COMMIT_COLUMNS, commit_json, insert_agent, insert_channel, insert_post, list_children,
-                       list_commits, list_leaves, list_posts, list_results)
+from hub.store import (COMMIT_COLUMNS, commit_json, insert_agent, insert_channel, insert_post, list_channels,
+                       list_children, list_commits, list_leaves, list_posts, list_results)
 
 MAX_POST_BYTES = 64 * 1024          # one post's content, UTF-8
 MAX_JSON_BYTES = 512 * 1024         # one JSON request body: a full post survives JSON escaping
@@ -56,6 +59,11 @@ def check_host(request: Request) -> None:
 app = FastAPI(title="autoresearch hub", docs_url=None, redoc_url=None, openapi_url=None,
               dependencies=[Depends(check_host)])
 uploading = Counter()               # pushes each agent is sending or waiting on now
+reading = Counter()                 # diffs and fetches each agent is waiting on now
+# Separate pools, so that no kind of call waits behind another: a flood of diffs cannot hold up a post or a push
+QUERIES = ThreadPoolExecutor(8, thread_name_prefix="hub-query")       # the index: milliseconds a call
+GIT_READS = ThreadPoolExecutor(4, thread_name_prefix="hub-git-read")  # diffs and fetches: up to a git call's limit
+PUSHES = ThreadPoolExecutor(4, thread_name_prefix="hub-push")         # pushes, which queue on the push lock
 page_lock = asyncio.Lock()          # one dashboard rendering at a time; requests meanwhile share it
 page_cache = {"at": float("-inf"), "page": ""}
 
@@ -168,6 +176,31 @@ def int_param(request: Request, name: str, default: int | None, low: int = 1, hi
     return int(text)
 
 
+async def off_loop(pool: ThreadPoolExecutor, fn, *args):
+    """fn(*args) on a thread of `pool`: the event loop goes on serving meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+
+async def git_read(request: Request, agent: str, fn, *args):
+    """A diff or a fetch, rate-limited per agent and a few at once per agent, on the git readers' pool."""
+    hub = the_hub(request)
+    hub.check_rate("diff or fetch request", agent, hub.config.max_git_reads_per_hour)
+    if reading[agent] >= hub.config.max_git_reads_per_agent:
+        raise HubError(429, f"at most {hub.config.max_git_reads_per_agent} diffs or fetches at once per agent: "
+                            "wait for yours")
+    reading[agent] += 1
+    try:
+        return await off_loop(GIT_READS, fn, *args)
+    finally:
+        reading[agent] -= 1
+
+
+def cursor(request: Request) -> str | None:
+    """The full hash of ?before=, the commit listed last on the previous page."""
+    before = request.query_params.get("before")
+    return None if before is None else the_hub(request).resolve(before)
+
+
 def existing_channel(request: Request, name: str) -> str:
     if the_hub(request).store.row("SELECT 1 FROM channels WHERE name = ?", (name,)) is None:
         raise HubError(404, f"unknown channel {name[:40]!r}: create it with POST /api/channels")
@@ -210,7 +243,16 @@ async def server_error(request: Request, e: Exception):
 
 @app.api_route("/api/health", methods=["GET", "HEAD"])  # monitors send HEAD
 async def health(request: Request):
-    return {"ok": True, "commits": the_hub(request).store.row("SELECT count(*) AS n FROM commits")["n"]}
+    """Up, and the pushes' disk use against --max-disk-mb; with the admin key, each agent's too."""
+    hub = the_hub(request)
+    used = hub.disk_usage()["total"]
+    reply = {"ok": True, "commits": hub.store.row("SELECT max(seq) AS n FROM commits")["n"] or 0,
+             "disk_mb": round(used / 1024**2, 1), "disk_limit_mb": hub.config.max_disk_mb}
+    if hub.config.admin_key and hmac.compare_digest((bearer_token(request) or "").encode(),
+                                                    hub.config.admin_key.encode()):
+        reply["agents_mb"] = {r["agent_id"]: round(r["pack_bytes"] / 1024**2, 1) for r in hub.store.rows(
+            "SELECT agent_id, pack_bytes FROM usage ORDER BY pack_bytes DESC LIMIT 100")}
+    return reply
 
 
 @app.post("/api/register", status_code=201)
@@ -227,7 +269,7 @@ async def register(request: Request):
     if not AGENT_ID_RE.fullmatch(agent_id):
         raise HubError(400, "agent id must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     api_key = secrets.token_hex(32)
-    if not await run_in_threadpool(insert_agent, hub.store, agent_id, hash_key(api_key)):
+    if not await off_loop(QUERIES, insert_agent, hub.store, agent_id, hash_key(api_key)):
         raise HubError(409, f"agent id {agent_id!r} is taken, or one too like it (case, 0/o, 1/i/l, '.', '_' "
                                 "and '-' do not count): pick another")
     return {"id": agent_id, "api_key": api_key}
@@ -244,7 +286,7 @@ async def push(request: Request):
     try:
         bundle = await receive_to_file(request, hub.incoming, int(hub.config.max_bundle_mb * 1024 * 1024))
         try:
-            added = await run_in_threadpool(hub.push, bundle, agent)
+            added = await off_loop(PUSHES, hub.push, bundle, agent)
         finally:
             bundle.unlink(missing_ok=True)
     finally:
@@ -254,24 +296,26 @@ async def push(request: Request):
 
 @app.get("/api/git/fetch/{ref:path}")
 async def fetch(request: Request, ref: str):
-    authenticate(request)
+    agent = authenticate(request)
     hub = the_hub(request)
-    bundle = await run_in_threadpool(hub.fetch_bundle, hub.resolve(ref))
-    return Response(bundle, media_type="application/octet-stream")
+    bundle = await git_read(request, agent, hub.fetch_bundle, hub.resolve(ref))
+    return FileResponse(bundle, media_type="application/octet-stream",
+                        background=BackgroundTask(shutil.rmtree, bundle.parent, ignore_errors=True))
 
 
 @app.get("/api/git/commits")
 async def commits(request: Request):
     authenticate(request)
-    return json_list(list_commits(the_hub(request).store, int_param(request, "limit", DEFAULT_LIMIT),
-                                  request.query_params.get("agent")))
+    hub, limit = the_hub(request), int_param(request, "limit", DEFAULT_LIMIT)
+    return json_list(await off_loop(QUERIES, list_commits, hub.store, limit, request.query_params.get("agent"),
+                                    cursor(request)))
 
 
 @app.get("/api/git/commits/{ref}/children")
 async def children(request: Request, ref: str):
     authenticate(request)
-    hub = the_hub(request)
-    return json_list(list_children(hub.store, hub.resolve(ref)))
+    hub, limit = the_hub(request), int_param(request, "limit", DEFAULT_LIMIT)
+    return json_list(await off_loop(QUERIES, list_children, hub.store, hub.resolve(ref), limit, cursor(request)))
 
 
 @app.get("/api/git/commits/{ref:path}")
@@ -284,18 +328,19 @@ async def commit(request: Request, ref: str):
 @app.get("/api/git/leaves")
 async def leaves(request: Request):
     authenticate(request)
-    return json_list(list_leaves(the_hub(request).store))
+    hub, limit = the_hub(request), int_param(request, "limit", DEFAULT_LIMIT)
+    return json_list(await off_loop(QUERIES, list_leaves, hub.store, limit, cursor(request)))
 
 
 @app.get("/api/git/diff/{refs:path}")
 async def diff(request: Request, refs: str):
-    authenticate(request)
+    agent = authenticate(request)
     hub = the_hub(request)
     parts = refs.split("/")
     if len(parts) != 2:
         raise HubError(400, "use /api/git/diff/<hash>/<hash>")
     a, b = hub.resolve(parts[0]), hub.resolve(parts[1])
-    return PlainTextResponse(await run_in_threadpool(hub.diff, a, b))
+    return PlainTextResponse(await git_read(request, agent, hub.diff, a, b))
 
 # ---------------------------------------------------------------------------
 # The API: channels, posts, results
@@ -312,7 +357,7 @@ async def create_channel(request: Request):
         raise HubError(400, "channel name must be 1-32 lowercase letters, digits, '_' or '-' (no '#')")
     if len(description) > 1000:
         raise HubError(400, "channel description is over 1000 characters")
-    channel = await run_in_threadpool(insert_channel, hub.store, name, description, agent)
+    channel = await off_loop(QUERIES, insert_channel, hub.store, name, description, agent)
     if channel is None:
         raise HubError(409, f"channel {name!r} already exists")
     return channel
@@ -321,9 +366,8 @@ async def create_channel(request: Request):
 @app.get("/api/channels")
 async def channels(request: Request):
     authenticate(request)
-    return json_list(the_hub(request).store.rows(
-        "SELECT name, description, created_by, created_at, "
-        "(SELECT count(*) FROM posts p WHERE p.channel = c.name) AS post_count FROM channels c ORDER BY name"))
+    hub, limit = the_hub(request), int_param(request, "limit", DEFAULT_LIMIT)
+    return json_list(await off_loop(QUERIES, list_channels, hub.store, limit, request.query_params.get("before")))
 
 
 @app.post("/api/channels/{name}/posts", status_code=201)
@@ -337,23 +381,25 @@ async def create_post(request: Request, name: str):
         raise HubError(400, "post content is empty")
     if len(content.encode()) > MAX_POST_BYTES:
         raise HubError(413, f"post is {len(content.encode())} bytes; the limit is {MAX_POST_BYTES}")
-    return await run_in_threadpool(insert_post, hub.store, channel, agent, content)
+    return await off_loop(QUERIES, insert_post, hub.store, channel, agent, content)
 
 
 @app.get("/api/channels/{name}/posts")
 async def posts(request: Request, name: str):
     authenticate(request)
     channel = existing_channel(request, name)
-    return json_list(list_posts(the_hub(request).store, channel, int_param(request, "limit", DEFAULT_LIMIT),
-                                int_param(request, "before", None, high=2**62)))
+    limit, before = int_param(request, "limit", DEFAULT_LIMIT), int_param(request, "before", None, high=2**62)
+    return json_list(await off_loop(QUERIES, list_posts, the_hub(request).store, channel, limit, before))
 
 
 @app.get("/api/results")
 async def results(request: Request):
     authenticate(request)
     q = request.query_params
-    return json_list(list_results(the_hub(request).store, int_param(request, "limit", MAX_LIMIT),
-                                  platform=q.get("platform"), dataset=q.get("dataset"), profile=q.get("profile")))
+    limit, before = int_param(request, "limit", DEFAULT_LIMIT), int_param(request, "before", None, high=2**62)
+    return json_list(await off_loop(QUERIES, functools.partial(
+        list_results, the_hub(request).store, limit, before, platform=q.get("platform"), dataset=q.get("dataset"),
+        profile=q.get("profile"))))
 
 # ---------------------------------------------------------------------------
 # The dashboard: no JavaScript, and the Content-Security-Policy makes sure none from a post could run
@@ -363,7 +409,7 @@ async def results(request: Request):
 async def dashboard(request: Request):
     async with page_lock:
         if time.monotonic() - page_cache["at"] > DASHBOARD_SECONDS:
-            page_cache["page"] = await run_in_threadpool(render_dashboard, the_hub(request).store)
+            page_cache["page"] = await off_loop(QUERIES, render_dashboard, the_hub(request).store)
             page_cache["at"] = time.monotonic()
     return HTMLResponse(page_cache["page"],
                         headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})

@@ -10,9 +10,9 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.gitrepo import (BadBundle, GitError, TooLarge, check_object_sizes, check_tree, create_refs, delete_refs, git,
-                         git_head, hub_refs, index_pack, init_repo, missing_objects, pack_refs, publish_pack,
-                         quarantine_env, read_bundle_header, read_new_commits, remove_stale_locks,
+from hub.gitrepo import (GIT_READ_JOBS, GIT_TIMEOUT_S, BadBundle, GitError, TooLarge, check_file_sizes,
+                         check_object_sizes, check_reachable, check_tree, create_refs, delete_refs, git, git_head,
+                         hub_refs, index_pack, init_repo, missing_objects, pack_refs, publish_pack, quarantine_env, read_bundle_header, read_new_commits, remove_stale_locks,
                          remove_unpublished_packs, tree_files)
 from hub.results import HASH_PREFIX_RE
 from hub.store import Store, claim_results, improvement_depth, utc_now
@@ -46,6 +46,12 @@ class Config:
     max_connections_per_address: int = 32   # open at once from one client address
     allowed_hosts: tuple[str, ...] = ()     # Host header names served besides loopback and --host
     max_loose_refs: int = 1000              # refs written since the last `git pack-refs`
+    max_file_kb: float = 1024               # one allowed file (train.py), which is tens of KB when honest
+    max_objects_per_push: int = 50_000      # in one bundle's pack, by its header, before git reads it
+    max_git_reads_per_hour: int = 600       # diffs and fetches per agent
+    max_git_reads_per_agent: int = 2        # ...at once
+    max_agent_disk_mb: float = 1024         # the packs one agent's pushes may add to repo.git
+    max_disk_mb: float = 50 * 1024          # ...and all agents' together
 
 
 class HubError(Exception):
@@ -56,6 +62,13 @@ class HubError(Exception):
         self.status = status
         self.message = message
 
+
+
+def too_slow(e: GitError, what: str) -> Exception:
+    """A git call the request made too long is the request's 422, naming the limit; any other failure is ours."""
+    if "took longer" not in str(e):
+        return e
+    return HubError(422, f"{what} took git longer than {GIT_TIMEOUT_S} s, the hub's limit for one git call")
 
 
 def report_lost(repo: Path, lost: set[str]) -> None:
@@ -150,18 +163,24 @@ class Hub:
                                     "or bundle the full history (git bundle create FILE HEAD)")
         if all(self.has_commit(sha) for sha in header.heads):
             return []
+        limits = self.config
+        if header.objects > limits.max_objects_per_push:
+            raise TooLarge(f"bundle's pack holds {header.objects} objects; the hub takes up to "
+                           f"{limits.max_objects_per_push} a push (--max-objects-per-push)")
         quarantine = Path(tempfile.mkdtemp(prefix="push-", dir=self.incoming))
         try:
             (quarantine / "pack").mkdir()
             env = quarantine_env(self.repo, quarantine)
             index_pack(self.repo, bundle, header.pack_offset, env)
-            limits = self.config
-            check_object_sizes(self.repo, quarantine, int(limits.max_object_mb * MB), int(limits.max_push_mb * MB),
-                               int(limits.max_message_kb * KB) + COMMIT_HEADERS)
+            objects = check_object_sizes(self.repo, quarantine, int(limits.max_object_mb * MB),
+                                         int(limits.max_push_mb * MB), int(limits.max_message_kb * KB) + COMMIT_HEADERS)
             new = read_new_commits(self.repo, header.heads, env, limits.max_commits_per_push,
                                    int(limits.max_message_kb * KB))
+            check_reachable(self.repo, header.heads, objects, env)
             commits = [c for c in new if not self.has_commit(c["hash"])]
             self.check_trees(commits, env)
+            pack_bytes = sum(f.stat().st_size for f in (quarantine / "pack").iterdir())
+            self.check_quota(agent_id, pack_bytes)
             publish_pack(quarantine, self.repo)
         finally:
             shutil.rmtree(quarantine, ignore_errors=True)
@@ -170,7 +189,7 @@ class Hub:
         hashes = [c["hash"] for c in commits]
         create_refs(self.repo, hashes)
         try:
-            self.index_commits(commits, agent_id)
+            self.index_commits(commits, agent_id, pack_bytes)
         except BaseException:
             delete_refs(self.repo, hashes)  # else `--not --all` would hide these commits from the next push
             raise
@@ -180,10 +199,12 @@ class Hub:
             self.loose_refs = 0
         return hashes[::-1]
 
-    def index_commits(self, commits: list[dict], agent_id: str) -> None:
+    def index_commits(self, commits: list[dict], agent_id: str, pack_bytes: int) -> None:
         pushed_at = utc_now()
         depth = {}
         with self.store.transaction() as db:
+            db.execute("INSERT INTO usage (agent_id, pack_bytes) VALUES (?, ?) ON CONFLICT (agent_id) "
+                       "DO UPDATE SET pack_bytes = pack_bytes + excluded.pack_bytes", (agent_id, pack_bytes))
             for c in commits:
                 claim_results(db, c["hash"], agent_id)
                 depth[c["hash"]] = improvement_depth(db, c["hash"], c["parents"], depth)
@@ -192,6 +213,7 @@ class Hub:
                                                             c["author_time"], agent_id, pushed_at, depth[c["hash"]]))
                 db.executemany("INSERT OR IGNORE INTO edges (parent, child) VALUES (?, ?)",
                                [(p, c["hash"]) for p in c["parents"]])
+                db.executemany("UPDATE commits SET leaf = 0 WHERE hash = ?", [(p,) for p in c["parents"]])
 
     def check_trees(self, commits: list[dict], env: dict) -> None:
         if not commits:
@@ -206,9 +228,29 @@ class Hub:
             except GitError:
                 raise BadBundle(f"the hub's baseline is commit {baseline} (--baseline), which it does not have yet: "
                                 "push that commit first") from None
+        allowed, changed = set(self.config.allowed_paths), {}
         for c in commits:
-            check_tree(c["hash"], tree_files(self.repo, c["hash"], env), baseline, baseline_files,
-                       set(self.config.allowed_paths))
+            files = tree_files(self.repo, c["hash"], env)
+            check_tree(c["hash"], files, baseline, baseline_files, allowed)
+            changed |= {files[p][1]: f"{p} of commit {c['hash']}" for p in allowed & files.keys()
+                        if files[p] != baseline_files.get(p)}
+        check_file_sizes(self.repo, changed, int(self.config.max_file_kb * KB), env)
+
+    def check_quota(self, agent_id: str, pack_bytes: int) -> None:
+        used = self.disk_usage(agent_id)
+        limits = self.config
+        if used["mine"] + pack_bytes > limits.max_agent_disk_mb * MB:
+            raise HubError(413, f"this push adds {pack_bytes >> 10} KB; your pushes hold {used['mine'] >> 20} MB "
+                                f"of the {limits.max_agent_disk_mb:g} MB an agent may add (--max-agent-disk-mb)")
+        if used["total"] + pack_bytes > limits.max_disk_mb * MB:
+            raise HubError(507, f"the hub's pushes hold {used['total'] >> 20} MB of its {limits.max_disk_mb:g} MB "
+                                "(--max-disk-mb): nothing was stored; tell the hub's operator")
+
+    def disk_usage(self, agent_id: str = "") -> dict:
+        """Bytes of pack that all pushes (total) and this agent's (mine) added to repo.git."""
+        return self.store.row("SELECT coalesce(sum(pack_bytes), 0) AS total, "
+                              "coalesce(sum(CASE WHEN agent_id = ? THEN pack_bytes END), 0) AS mine FROM usage",
+                              (agent_id,))
 
     def resolve(self, text: str) -> str:
         """A full hash from a unique prefix of at least 7 hex characters."""
@@ -223,12 +265,25 @@ class Hub:
             raise HubError(400, f"commit prefix {prefix} is ambiguous: give more characters")
         return found[0]["hash"]
 
-    def fetch_bundle(self, sha: str) -> bytes:
-        return git(self.repo, "bundle", "create", "--quiet", "-", f"refs/hub/{sha}")
+    def fetch_bundle(self, sha: str) -> Path:
+        """The commit and its history as a bundle file in a folder of incoming/, which the caller streams and then
+        removes (a killed git leaves a lock file beside the bundle)."""
+        folder = Path(tempfile.mkdtemp(prefix="fetch-", dir=self.incoming))
+        try:
+            git(self.repo, "bundle", "create", "--quiet", str(folder / "commit.bundle"), f"refs/hub/{sha}",
+                jobs=GIT_READ_JOBS)
+        except GitError as e:
+            shutil.rmtree(folder)
+            raise too_slow(e, f"bundling commit {sha} with its history") from None
+        return folder / "commit.bundle"
 
     def diff(self, a: str, b: str) -> str:
         limit = int(self.config.max_diff_kb * KB)
-        out, cut = git_head(self.repo, "diff", "--no-color", "--no-ext-diff", a, b, limit=limit)
+        try:
+            out, cut = git_head(self.repo, "diff", "--no-color", "--no-ext-diff", a, b, limit=limit,
+                                jobs=GIT_READ_JOBS)
+        except GitError as e:
+            raise too_slow(e, f"the diff of {a} and {b}") from None
         note = f"\n[diff cut at {limit // KB} KB (--max-diff-kb)]\n" if cut else ""
         return out.decode(errors="replace") + note
 

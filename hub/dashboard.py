@@ -159,7 +159,7 @@ def render_best(store: Store, groups: list[dict]) -> str:
 
 
 def render_frontier(store: Store) -> str:
-    leaf = "FROM commits c WHERE NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent = c.hash)"
+    leaf = "FROM commits WHERE leaf"
     total = store.row(f"SELECT count(*) AS n {leaf}")["n"]
     if not total:
         return "<p class=empty>no commits pushed yet</p>"

@@ -18,7 +18,8 @@ MAX_BUNDLE_HEADER = 1024 * 1024     # a bundle's text header (refs and prerequis
 FULL_HASH_RE = re.compile(r"[0-9a-f]{40}")
 GIT_TIMEOUT_S = 60                  # any one git call; a bundle that takes longer is refused
 GIT_MEMORY = 1024 * 1024 * 1024     # address space of any one git process
-GIT_JOBS = threading.BoundedSemaphore(4)  # git processes at once, so a flood of pushes and diffs cannot fork-bomb
+GIT_JOBS = threading.BoundedSemaphore(4)  # git processes at once for pushes and start-up, so none can fork-bomb
+GIT_READ_JOBS = threading.BoundedSemaphore(4)  # ...and for diffs and fetches, apart: they cannot hold up a push
 MAX_TREE_LISTING = 1024 * 1024      # `ls-tree -r` of one commit: a few files, unless trees repeat to blow up
 # packs are mmapped, which counts against GIT_MEMORY; one thread keeps index-pack's arenas small; bigger blobs stream
 GIT_CONFIG = ("-c", "core.packedGitLimit=256m", "-c", "core.packedGitWindowSize=32m", "-c", "pack.threads=1",
@@ -63,8 +64,9 @@ def git_env(env: dict | None) -> dict:
     return {**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0", **(env or {})}
 
 
-def git(repo: Path, *args: str, input: bytes | None = None, stdin=None, env: dict | None = None) -> bytes:
-    with GIT_JOBS:
+def git(repo: Path, *args: str, input: bytes | None = None, stdin=None, env: dict | None = None,
+        jobs: threading.BoundedSemaphore | None = None) -> bytes:
+    with jobs or GIT_JOBS:
         try:
             result = subprocess.run(git_command(repo, args), input=input, stdin=stdin, capture_output=True,
                                     env=git_env(env), timeout=GIT_TIMEOUT_S, preexec_fn=limit_git)
@@ -78,10 +80,11 @@ def git(repo: Path, *args: str, input: bytes | None = None, stdin=None, env: dic
     return result.stdout
 
 
-def git_head(repo: Path, *args: str, limit: int, env: dict | None = None) -> tuple[bytes, bool]:
+def git_head(repo: Path, *args: str, limit: int, env: dict | None = None,
+             jobs: threading.BoundedSemaphore | None = None) -> tuple[bytes, bool]:
     """At most `limit` bytes of git's output, and whether there was more: git is stopped there, so a diff of
     huge blobs costs the server `limit` bytes, whatever the blobs expand to."""
-    with GIT_JOBS, tempfile.TemporaryFile() as errors:
+    with jobs or GIT_JOBS, tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(git_command(repo, args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=errors, env=git_env(env), preexec_fn=limit_git)
         timer = threading.Timer(GIT_TIMEOUT_S, proc.kill)
@@ -99,6 +102,29 @@ def git_head(repo: Path, *args: str, limit: int, env: dict | None = None) -> tup
             errors.seek(0)
             raise GitError(errors.read(4096).decode(errors="replace").strip() or f"git {args[0]} failed")
     return out[:limit], len(out) > limit
+
+
+def git_lines(repo: Path, *args: str, env: dict | None = None):
+    """git's output line by line as it comes, so that a listing of millions of objects is never held whole."""
+    with GIT_JOBS, tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(git_command(repo, args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=errors, env=git_env(env), preexec_fn=limit_git)
+        timer = threading.Timer(GIT_TIMEOUT_S, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                yield line.decode(errors="replace").rstrip("\n")
+            returncode = proc.wait()
+        finally:
+            proc.kill()  # a no-op once git has exited; stops it when the caller stops early
+            proc.stdout.close()
+            proc.wait()
+            timer.cancel()
+        if returncode == -9:  # the timer's kill
+            raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s")
+        if returncode != 0:
+            errors.seek(0)
+            raise GitError(errors.read(4096).decode(errors="replace").strip() or f"git {args[0]} failed")
 
 
 def init_repo(repo: Path) -> None:
@@ -140,6 +166,7 @@ class BundleHeader:
     prerequisites: list[str]
     heads: list[str]
     pack_offset: int
+    objects: int  # what the pack's own header says it holds
 
 
 def read_bundle_header(path: Path) -> BundleHeader:
@@ -163,11 +190,12 @@ def read_bundle_header(path: Path) -> BundleHeader:
             else:
                 heads.append(bundle_line_hash(line))
         offset = f.tell()
-        if f.read(4) != b"PACK":
+        pack = f.read(12)  # "PACK", the version, the object count, all big-endian
+        if len(pack) < 12 or pack[:4] != b"PACK":
             raise BadBundle("bundle has no pack data after its header (truncated?)")
     if not heads:
         raise BadBundle("bundle has no refs")
-    return BundleHeader(prerequisites, sorted(set(heads)), offset)
+    return BundleHeader(prerequisites, sorted(set(heads)), offset, int.from_bytes(pack[8:12], "big"))
 
 
 def bundle_line_hash(line: str) -> str:
@@ -196,16 +224,17 @@ def index_pack(repo: Path, bundle: Path, offset: int, env: dict) -> None:
             raise BadBundle(f"bundle's objects are truncated or invalid: {e}") from None
 
 
-def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total: int, max_commit: int) -> None:
+def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total: int, max_commit: int) -> set[str]:
     """What the bundle's objects expand to, read from the quarantine alone: a few hundred bytes of deltas can
     name a blob of gigabytes, and the bundle limit only counts what was sent. Commits are held to max_commit, so
-    that reading their messages is a bounded read."""
-    out = git(repo, "cat-file", "--batch-all-objects", "--batch-check=%(objectsize) %(objecttype) %(objectname)",
-              env={"GIT_OBJECT_DIRECTORY": str(quarantine)})  # no alternates: the new objects only
-    total = 0
-    for line in out.decode().splitlines():
+    that reading their messages is a bounded read. Returns the objects' names."""
+    total, names = 0, set()
+    for line in git_lines(repo, "cat-file", "--batch-all-objects",
+                          "--batch-check=%(objectsize) %(objecttype) %(objectname)",
+                          env={"GIT_OBJECT_DIRECTORY": str(quarantine)}):  # no alternates: the new objects only
         size, kind, sha = line.split()
         total += int(size)
+        names.add(sha)
         if int(size) > max_object:
             raise TooLarge(f"{kind} {sha} expands to {int(size) >> 20} MB; the hub takes objects up to "
                            f"{max_object >> 20} MB (--max-object-mb)")
@@ -215,6 +244,30 @@ def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total:
     if total > max_total:
         raise TooLarge(f"bundle's objects expand to {total >> 20} MB; the hub takes up to {max_total >> 20} MB "
                        "a push (--max-push-mb)")
+    return names
+
+
+def check_reachable(repo: Path, heads: list[str], objects: set[str], env: dict) -> None:
+    """Every object of the bundle must belong to the history of its refs: objects that no commit reaches would
+    take the disk unseen, attributed to no one."""
+    for line in git_lines(repo, "rev-list", "--objects", *heads, env=env):
+        objects.discard(line[:40])
+    if objects:
+        raise BadBundle(f"bundle holds {len(objects)} objects that its commits do not reach (e.g. "
+                        f"{min(objects)}): bundle only what you push (git bundle create FILE HEAD)")
+
+
+def check_file_sizes(repo: Path, blobs: dict[str, str], limit: int, env: dict) -> None:
+    """The files a push may change (train.py), each at most `limit` bytes: blobs maps object -> 'commit:path'."""
+    if not blobs:
+        return
+    out = git(repo, "cat-file", "--batch-check=%(objectname) %(objectsize)", env=env,
+              input="".join(f"{sha}\n" for sha in blobs).encode())
+    for line in out.decode().splitlines():
+        sha, size = line.split()
+        if int(size) > limit:
+            raise TooLarge(f"{blobs[sha]} is {size} bytes; the hub takes files up to {limit >> 10} KB "
+                           "(--max-file-kb): an honest train.py is tens of KB")
 
 
 def read_new_commits(repo: Path, heads: list[str], env: dict, max_commits: int, max_message: int) -> list[dict]:

@@ -70,6 +70,17 @@ CREATE INDEX IF NOT EXISTS results_platform ON results (platform, val_bpb);
 CREATE INDEX IF NOT EXISTS results_prefix ON results (commit_prefix);
 """
 VERIFIED_INDEX = "CREATE INDEX IF NOT EXISTS results_commit ON results (commit_hash)"
+# Lists are read in their own order straight from an index, so a page costs its rows, not the table
+RANK = "val_bpb IS NULL, commit_hash IS NULL, val_bpb, post_id"  # results, best first
+LIST_INDEXES = f"""
+CREATE INDEX IF NOT EXISTS commits_leaves ON commits (depth DESC, seq DESC) WHERE leaf;
+CREATE INDEX IF NOT EXISTS results_rank ON results ({RANK});
+CREATE INDEX IF NOT EXISTS results_platform_rank ON results (platform, {RANK});
+CREATE TABLE IF NOT EXISTS usage (
+    agent_id TEXT PRIMARY KEY,
+    pack_bytes INTEGER NOT NULL                -- the packs its pushes added to repo.git
+);
+"""
 
 
 class Store:
@@ -83,6 +94,15 @@ class Store:
         if "commit_hash" not in {column["name"] for column in db.execute("PRAGMA table_info(results)")}:
             self.add_commit_hash(db)
         db.execute(VERIFIED_INDEX)
+        if "leaf" not in {column["name"] for column in db.execute("PRAGMA table_info(commits)")}:
+            self.add_leaf(db)
+        db.executescript(LIST_INDEXES)
+
+    @staticmethod
+    def add_leaf(db: sqlite3.Connection) -> None:
+        """A hub.db from before leaves were kept as a column: mark the commits nothing builds on."""
+        db.execute("ALTER TABLE commits ADD COLUMN leaf INTEGER NOT NULL DEFAULT 1")
+        db.execute("UPDATE commits SET leaf = 0 WHERE hash IN (SELECT parent FROM edges)")
 
     @staticmethod
     def add_commit_hash(db: sqlite3.Connection) -> None:
@@ -140,22 +160,39 @@ def commit_subject_json(row: dict) -> dict:
     return {**commit_json(row), "message": row["message"].split("\n", 1)[0][:MAX_SUBJECT]}
 
 
-def list_commits(store: Store, limit: int, agent: str | None = None) -> list[dict]:
-    where, args = ("WHERE agent_id = ?", (agent,)) if agent else ("", ())
-    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits {where} ORDER BY seq DESC LIMIT ?", (*args, limit))
+def list_commits(store: Store, limit: int, agent: str | None = None, before: str | None = None) -> list[dict]:
+    """Newest first; `before`: the page after that commit."""
+    where, args = ("AND agent_id = ?", (agent,)) if agent else ("", ())
+    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits WHERE seq < ? {where} ORDER BY seq DESC LIMIT ?",
+                      (seq_of(store, before), *args, limit))
     return [commit_subject_json(r) for r in rows]
 
 
-def list_leaves(store: Store) -> list[dict]:
-    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits c "
-                      "WHERE NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent = c.hash) ORDER BY seq DESC")
+def list_leaves(store: Store, limit: int, before: str | None = None) -> list[dict]:
+    """The commits nothing builds on, best-ranked first: deepest (most improvements), then newest."""
+    depth, seq = (2**62, 2**62) if before is None else (store.row("SELECT depth FROM commits WHERE hash = ?",
+                                                                   (before,))["depth"], seq_of(store, before))
+    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits WHERE leaf AND (depth, seq) < (?, ?) "
+                      "ORDER BY depth DESC, seq DESC LIMIT ?", (depth, seq, limit))
     return [commit_subject_json(r) for r in rows]
 
 
-def list_children(store: Store, sha: str) -> list[dict]:
-    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits WHERE hash IN "
-                      "(SELECT child FROM edges WHERE parent = ?) ORDER BY seq DESC", (sha,))
+def list_children(store: Store, sha: str, limit: int, before: str | None = None) -> list[dict]:
+    """Newest first; `before`: the page after that commit."""
+    rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits WHERE hash IN (SELECT child FROM edges WHERE parent = ?) "
+                      "AND seq < ? ORDER BY seq DESC LIMIT ?", (sha, seq_of(store, before), limit))
     return [commit_subject_json(r) for r in rows]
+
+
+def seq_of(store: Store, sha: str | None) -> int:
+    return 2**62 if sha is None else store.row("SELECT seq FROM commits WHERE hash = ?", (sha,))["seq"]
+
+
+def list_channels(store: Store, limit: int, before: str | None = None) -> list[dict]:
+    """By name; `before`: the page after that name."""
+    return store.rows("SELECT name, description, created_by, created_at, (SELECT count(*) FROM posts p "
+                      "WHERE p.channel = c.name) AS post_count FROM channels c WHERE name > ? ORDER BY name LIMIT ?",
+                      (before or "", limit))
 
 
 def list_posts(store: Store, channel: str, limit: int, before: int | None = None) -> list[dict]:
@@ -172,13 +209,23 @@ def result_json(row: dict) -> dict:
             "verified": row["commit_hash"] is not None}
 
 
-def list_results(store: Store, limit: int, **filters: str | None) -> list[dict]:
+RESULT_COLUMNS = ("post_id, agent_id, commit_prefix, platform, dataset, profile, val_bpb, vram_gb, status, "
+                  "description, fields, created_at, commit_hash")
+
+
+def list_results(store: Store, limit: int, before: int | None = None, **filters: str | None) -> list[dict]:
     """Best first: lowest val_bpb, crashes last, and verified results (the poster pushed the commit) before the
-    rest, so a number posted for someone else's commit or for no commit never tops the table."""
+    rest, so a number posted for someone else's commit or for no commit never tops the table. `before`: the page
+    after that post's result."""
     used = {k: v for k, v in filters.items() if v is not None}
     where = " AND ".join(f"{k} = ?" for k in used) or "1"
-    rows = store.rows(f"SELECT * FROM results WHERE {where} ORDER BY val_bpb IS NULL, commit_hash IS NULL, val_bpb, "
-                      "post_id LIMIT ?", (*used.values(), limit))
+    after, args = "", ()
+    if before is not None:
+        after = ("AND (val_bpb IS NULL, commit_hash IS NULL, coalesce(val_bpb, 0), post_id) > (SELECT val_bpb IS "
+                 "NULL, commit_hash IS NULL, coalesce(val_bpb, 0), post_id FROM results WHERE post_id = ?)")
+        args = (before,)
+    rows = store.rows(f"SELECT {RESULT_COLUMNS} FROM results WHERE {where} {after} ORDER BY {RANK} LIMIT ?",
+                      (*used.values(), *args, limit))
     return [result_json(r) for r in rows]
 
 

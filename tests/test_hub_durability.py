@@ -77,7 +77,7 @@ class Pusher(threading.Thread):
 
 def test_sigkill_mid_push_loses_nothing_acknowledged(tmp_path):
     data = tmp_path / "data"
-    server = HubServer(data, "--allowed-paths", "train.py", "blob.bin", "big.bin").start()  # files pushers add
+    server = HubServer(data, "--allowed-paths", "train.py", "blob.bin", "big.bin", "--max-file-kb", "8192").start()
     agent = server.register("survivor")
     repo = make_repo(tmp_path / "repo", "survivor")
     assert agent.push(bundle(repo)).status_code == 200
@@ -140,7 +140,7 @@ def _ignore_disconnect(call, *args, **kw):
 
 def test_concurrent_agents_lose_no_acknowledged_post_or_commit(tmp_path):
     data = tmp_path / "data"
-    server = HubServer(data, "--allowed-paths", "train.py", "blob.bin", "big.bin").start()  # files pushers add
+    server = HubServer(data, "--allowed-paths", "train.py", "blob.bin", "big.bin", "--max-file-kb", "8192").start()
     agents = [server.register(f"agent{i}") for i in range(6)]
     assert agents[0].post("/api/channels", json={"name": "results", "description": ""}).status_code == 201
     posted, pushed = [], []  # list.append is atomic, so the workers can share these

@@ -286,7 +286,8 @@ def test_a_hub_db_from_before_verification_is_upgraded(tmp_path):
     path = tmp_path / "hub.db"
     Store(path)
     with sqlite3.connect(path) as db:  # back to the old results table, with one own and one forged result
-        db.execute("DROP INDEX results_commit")
+        for index in ("results_commit", "results_rank", "results_platform_rank"):
+            db.execute(f"DROP INDEX {index}")
         db.execute("ALTER TABLE results DROP COLUMN commit_hash")
         db.execute("INSERT INTO commits (hash, parents, message, author_time, agent_id, pushed_at, depth) "
                    "VALUES (?, '', '', '', 'alice', '', 0)", ("ab" * 20,))
