@@ -182,17 +182,16 @@ def test_concurrent_agents_lose_no_acknowledged_post_or_commit(tmp_path):
     assert set(pushed) <= check_consistent(data)
 
 
-def test_stale_locks_are_removed_at_start_up_and_git_dies_with_the_hub(tmp_path):
-    """A git child of a hub killed with SIGKILL dies with it; the lock files a killed git leaves (a power cut
-    during pack-refs leaves packed-refs.lock) are removed at the next start, which says so, and the hub serves."""
+def test_git_children_die_with_a_killed_hub(tmp_path):
+    """A git child of a hub killed with SIGKILL (here a diff that hangs) dies with it."""
     data, wrapper = tmp_path / "data", tmp_path / "bin"
     wrapper.mkdir()
     (wrapper / "git").write_text(f'#!/bin/sh\ncase "$*" in *" diff "*) echo $$ > {tmp_path}/diff.pid; exec sleep 120;; '
                                  f'esac\nexec {shutil.which("git")} "$@"\n')  # a diff that hangs, its pid noted
     (wrapper / "git").chmod(0o755)
     server = HubServer(data, env={**os.environ, "PATH": f"{wrapper}:{os.environ['PATH']}"}).start()
-    agent = server.register("locked")
-    repo = make_repo(tmp_path / "repo", "locked")
+    agent = server.register("orphaner")
+    repo = make_repo(tmp_path / "repo", "orphaner")
     first, second = git(repo, "rev-parse", "HEAD"), commit_change(repo, "x = 1\n", "two")
     assert agent.push(bundle(repo)).status_code == 200
     threading.Thread(target=_ignore_disconnect, args=(agent.get, f"/api/git/diff/{first}/{second}"),
@@ -205,7 +204,19 @@ def test_stale_locks_are_removed_at_start_up_and_git_dies_with_the_hub(tmp_path)
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)
+        server.stop()
 
+
+def test_stale_locks_are_removed_at_start_up(tmp_path):
+    """The lock files a killed git leaves (a power cut during pack-refs leaves packed-refs.lock) are removed at the
+    next start, which says so in one line, and the hub serves."""
+    data = tmp_path / "data"
+    server = HubServer(data).start()
+    agent = server.register("locked")
+    repo = make_repo(tmp_path / "repo", "locked")
+    first, second = git(repo, "rev-parse", "HEAD"), commit_change(repo, "x = 1\n", "two")
+    assert agent.push(bundle(repo)).status_code == 200
+    server.kill()
     (data / "repo.git" / "packed-refs.lock").write_text("")
     (data / "repo.git" / "refs" / "hub" / f"{second}.lock").write_text("")
     server.start()
