@@ -4,6 +4,7 @@ Load benchmark of the hub: simulated agents replay the agenthub loop's calls aga
     uv run bench/hub_load.py                                   # 24 agents on 8 client threads, 15 s, flat out
     uv run bench/hub_load.py --rate 200                        # the same, paced to 200 requests/s
     uv run bench/hub_load.py --seconds 20 --keep /tmp/hub-demo # keep the hub's data (e.g. for a screenshot)
+    uv run bench/hub_load.py --rate 200 --large                # the hub after a long night: see below
 
 One simulated experiment makes the calls program-hub.md makes: read #results and #discussion, the results table
 for its platform, the leaves and the children of its best commit, post its result; and sometimes push an
@@ -11,9 +12,11 @@ improvement (a real git bundle of its whole history), fetch another agent's comm
 #discussion or load the dashboard. Without --rate there is no think time: each client thread sends its next call as
 soon as the last one answers, so the figure is the hub's capacity; with --rate the calls are spread evenly at that
 rate and the latencies are those of a hub under that load. The client's own Python runs on the same cores.
-Setting up (registering, building the bundles) is not timed. A real agent makes about ten calls per 5-minute
-experiment, so N requests/s serve about N * 30 agents. Prints a table and writes it as JSON to
-bench/results/hub-load-<machine>-<flat-out or rate>.json, or --out.
+Setting up (registering, building the bundles) is not timed. --large first fills the hub with 50,000 commits (real
+git objects, made by git fast-import; each builds on a random earlier one, so about half are leaves) and 10,000
+#results posts, as a night of many agents leaves it, then runs the same load. A real agent makes about ten calls
+per 5-minute experiment, so N requests/s serve about N * 30 agents. Prints a table and writes it as JSON to
+bench/results/hub-load-<machine>-[large-]<flat-out or rate>.json, or --out.
 """
 
 import argparse
@@ -31,7 +34,12 @@ from pathlib import Path
 
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import runs
+from hub.core import Config, Hub
+from hub.gitrepo import checkout_files, create_refs, pack_refs
+from hub.results import parse_result
+from hub.store import utc_now
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -44,6 +52,7 @@ PLATFORMS = {"H100": (0.998, "climbmix", "gpu"), "A100-40GB": (1.034, "climbmix"
 IDEAS = ["lower matrix lr to 0.03", "warmup 5% of steps", "halve weight decay", "depth 10", "GeLU instead of ReLU^2",
          "window pattern SSSL", "unembedding lr x2", "batch 2^18 tokens", "rope base 200k", "qk-norm off",
          "value embeddings on every layer", "shorter warmdown", "NorMuon beta 0.9", "tie embeddings", "wider MLP x5"]
+LARGE_COMMITS, LARGE_POSTS = 50_000, 10_000  # --large: a long night of many agents
 NOTES = ["**Observation:** the last three gains on `{p}` all came from the schedule, not the model.",
          "Tried {i} on {p}: within noise. Has anyone seen it help on another platform?",
          "Plan: combine the two best `{p}` branches.\n\n- lr from one\n- warmup from the other"]
@@ -60,9 +69,20 @@ def git(repo: Path, *args: str) -> bytes:
     return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True).stdout
 
 
-def start_hub(data: Path, port: int) -> subprocess.Popen:
+def make_baseline(folder: Path) -> Path:
+    """The operator's checkout for the simulated agents, whose repositories hold train.py alone."""
+    folder.mkdir(parents=True)
+    git(folder, "init", "--quiet")
+    (folder / "train.py").write_text("# the baseline\n")
+    git(folder, "add", "train.py")
+    git(folder, "commit", "--quiet", "-m", "baseline")
+    return folder
+
+
+def start_hub(data: Path, port: int, baseline: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(data), "--port", str(port),
-                             "--admin-key", ADMIN_KEY, "--log-level", "warning"], cwd=ROOT)
+                             "--admin-key", ADMIN_KEY, "--log-level", "warning", "--baseline-from", str(baseline)],
+                            cwd=ROOT)
     for _ in range(300):
         try:
             if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).ok:
@@ -70,6 +90,62 @@ def start_hub(data: Path, port: int) -> subprocess.Popen:
         except requests.ConnectionError:
             time.sleep(0.1)
     raise TimeoutError("hub did not start")
+
+# ---------------------------------------------------------------------------
+# --large: a hub after a long night, filled straight into repo.git and hub.db
+
+
+def fill(data: Path, baseline: Path, commits: int, posts: int) -> None:
+    """`commits` commits, each on a random earlier one, by 200 past agents, and `posts` #results posts."""
+    commit, files = checkout_files(baseline)
+    hub = Hub(Config(data, baseline=commit, baseline_files=files))
+    rng = random.Random(0)
+    parents = [None] + [rng.randrange(i) for i in range(1, commits)]
+    stream = []
+    for i, parent in enumerate(parents):
+        message, source = f"past idea {i}".encode(), f"# past experiment {i}\nlr = {rng.random():.6f}\n".encode()
+        stream += [b"commit refs/heads/fill\nmark :%d\ncommitter bench <b@example.com> %d +0000\n" % (i + 1,
+                   1_700_000_000 + i), b"data %d\n%s\n" % (len(message), message)]
+        stream += [b"from :%d\n" % (parent + 1)] if parent is not None else []  # the first is the root
+        stream += [b"M 100644 inline train.py\ndata %d\n%s\n" % (len(source), source)]
+    marks = data / "marks"
+    subprocess.run(["git", "--git-dir", str(hub.repo), "fast-import", "--quiet", f"--export-marks={marks}"],
+                   input=b"".join(stream), check=True)
+    subprocess.run(["git", "--git-dir", str(hub.repo), "update-ref", "-d", "refs/heads/fill"], check=True)
+    hashes = [line.split()[1] for line in sorted(marks.read_text().splitlines(), key=lambda m: int(m[1:].split()[0]))]
+    marks.unlink()
+    create_refs(hub.repo, hashes)
+    pack_refs(hub.repo)
+    index(hub, hashes, parents, posts, rng)
+
+
+def index(hub: Hub, hashes: list[str], parents: list, posts: int, rng: random.Random) -> None:
+    depth, now = [0] * len(hashes), utc_now()
+    with hub.store.transaction() as db:
+        for i, (sha, parent) in enumerate(zip(hashes, parents)):
+            depth[i] = 0 if parent is None else depth[parent] + (rng.random() < 0.2)
+            db.execute("INSERT INTO commits (hash, parents, message, author_time, agent_id, pushed_at, depth) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (sha, hashes[parent] if parent is not None else "",
+                                                        f"past idea {i}", now, f"past-{i % 200}", now, depth[i]))
+            if parent is not None:
+                db.execute("INSERT INTO edges (parent, child) VALUES (?, ?)", (hashes[parent], sha))
+                db.execute("UPDATE commits SET leaf = 0 WHERE hash = ?", (hashes[parent],))
+        for channel in ("results", "discussion"):
+            db.execute("INSERT INTO channels (name, description, created_by, created_at) VALUES (?, ?, ?, ?)",
+                       (channel, channel, "past-0", now))
+        for i in range(posts):
+            platform = rng.choice(list(PLATFORMS))
+            best, dataset, profile = PLATFORMS[platform]
+            content = (f"commit:{hashes[rng.randrange(len(hashes))][:7]} platform:{platform} val_bpb:"
+                       f"{best * rng.uniform(0.95, 1.1):.6f} vram_gb:40.0 dataset:{dataset} profile:{profile} | "
+                       f"{rng.choice(IDEAS)}{rng.choice(['', ' (DISCARD)'])}")
+            post_id = db.execute("INSERT INTO posts (channel, agent_id, content, created_at) VALUES (?, ?, ?, ?)",
+                                 ("results", f"past-{i % 200}", content, now)).lastrowid
+            db.execute("INSERT INTO results (post_id, agent_id, created_at, commit_prefix, platform, dataset, "
+                       "profile, val_bpb, vram_gb, status, description, fields) VALUES (:post_id, :agent_id, "
+                       ":created_at, :commit_prefix, :platform, :dataset, :profile, :val_bpb, :vram_gb, :status, "
+                       ":description, :fields)", {"post_id": post_id, "agent_id": f"past-{i % 200}",
+                                                  "created_at": now, **parse_result(content)})
 
 # ---------------------------------------------------------------------------
 # Simulated agents
@@ -216,17 +292,21 @@ def summarize(record: Recorder) -> list[dict]:
 def report(record: Recorder, elapsed: float, args) -> None:
     rows, machine = summarize(record), cpu_model()
     pacing = f"paced at {args.rate:g} requests/s" if args.rate else "flat out"
-    print(f"hub load: {args.agents} agents on {args.workers} client threads, {pacing}, {elapsed:.1f} s; {machine}")
+    size = f", a hub of {LARGE_COMMITS:,} commits and {LARGE_POSTS:,} posts" if args.large else ""
+    print(f"hub load: {args.agents} agents on {args.workers} client threads, {pacing}{size}, {elapsed:.1f} s; "
+          f"{machine}")
     print(f"{'call':<18}{'count':>7}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}")
     for r in rows:
         print(f"{r['call']:<18}{r['count']:>7}{r['errors']:>8}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")
     rate = rows[-1]["count"] / elapsed
     print(f"throughput: {rate:.0f} requests/s, p50 {rows[-1]['p50_ms']:.1f} ms, p99 {rows[-1]['p99_ms']:.1f} ms; at "
           f"~10 calls per 5-minute experiment that is ~{rate * 30:,.0f} agents")
-    name = f"hub-load-{runs.slug(machine)}-{f'rate{args.rate:g}' if args.rate else 'flat-out'}.json"
+    name = (f"hub-load-{runs.slug(machine)}-{'large-' if args.large else ''}"
+            f"{f'rate{args.rate:g}' if args.rate else 'flat-out'}.json")
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(machine=machine, date=datetime.date.today().isoformat(), agents=args.agents,
+    out.write_text(json.dumps(dict(machine=machine, date=datetime.date.today().isoformat(), large=args.large,
+                                   agents=args.agents,
                                    workers=args.workers, seconds=args.seconds, rate=args.rate, elapsed=elapsed,
                                    requests_per_second=rate, calls=rows), indent=1))
     print(f"wrote {out}")
@@ -241,6 +321,8 @@ def main() -> None:
                    help="requests/s to pace the calls at (default: flat out)")
     p.add_argument("--pushes", type=runs.at_least(1), default=12, help="bundles prebuilt per agent (its improvements)")
     p.add_argument("--keep", type=Path, help="use this folder for the hub's data and keep it afterwards")
+    p.add_argument("--large", action="store_true",
+                   help=f"fill the hub with {LARGE_COMMITS:,} commits and {LARGE_POSTS:,} #results posts first")
     p.add_argument("--out", type=Path, help="JSON file to write (default bench/results/hub-load-<machine>-...json)")
     args = p.parse_args()
     if args.workers > args.agents:  # a thread without agents would spin for the whole run
@@ -248,8 +330,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.keep or Path(tmp) / "data"
+        baseline = make_baseline(Path(tmp) / "baseline")
+        if args.large:
+            started = time.perf_counter()
+            fill(data, baseline, LARGE_COMMITS, LARGE_POSTS)
+            print(f"filled the hub with {LARGE_COMMITS} commits and {LARGE_POSTS} #results posts in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
         port = free_port()
-        hub = start_hub(data, port)
+        hub = start_hub(data, port, baseline)
         try:
             url = f"http://127.0.0.1:{port}"
             names = list(PLATFORMS)

@@ -139,8 +139,14 @@ class Hub:
         if not self.limiter.allow((action, who), limit):
             raise HubError(429, f"rate limit: at most {limit} {action}s per hour; try again later")
 
-    def has_commit(self, sha: str) -> bool:
-        return self.store.row("SELECT 1 FROM commits WHERE hash = ?", (sha,)) is not None
+    def indexed(self, hashes: list[str]) -> set[str]:
+        """Those of the hashes that the index holds."""
+        found = set()
+        for i in range(0, len(hashes), 500):  # SQLite's limit on parameters is far above 500
+            chunk = hashes[i:i + 500]
+            found |= {r["hash"] for r in self.store.rows(
+                f"SELECT hash FROM commits WHERE hash IN ({', '.join('?' * len(chunk))})", chunk)}
+        return found
 
     def push(self, bundle: Path, agent_id: str) -> list[str]:
         if not self.push_lock.acquire(timeout=PUSH_WAIT_S):
@@ -157,11 +163,11 @@ class Hub:
     def ingest(self, bundle: Path, agent_id: str) -> list[str]:
         """Verify a bundle completely, then land its objects and index rows, the index last."""
         header = read_bundle_header(bundle)
-        for sha in header.prerequisites:
-            if not self.has_commit(sha):
-                raise HubError(400, f"bundle needs commit {sha}, which the hub does not have: push that first, "
-                                    "or bundle the full history (git bundle create FILE HEAD)")
-        if all(self.has_commit(sha) for sha in header.heads):
+        missing = sorted(set(header.prerequisites) - self.indexed(header.prerequisites))
+        if missing:
+            raise HubError(400, f"bundle needs commit {missing[0]}, which the hub does not have: push that first, "
+                                "or bundle the full history (git bundle create FILE HEAD)")
+        if len(self.indexed(header.heads)) == len(header.heads):
             return []
         limits = self.config
         if header.objects > limits.max_objects_per_push:
@@ -174,10 +180,9 @@ class Hub:
             index_pack(self.repo, bundle, header.pack_offset, env)
             objects = check_object_sizes(self.repo, quarantine, int(limits.max_object_mb * MB),
                                          int(limits.max_push_mb * MB), int(limits.max_message_kb * KB) + COMMIT_HEADERS)
-            new = read_new_commits(self.repo, header.heads, env, limits.max_commits_per_push,
-                                   int(limits.max_message_kb * KB))
-            check_reachable(self.repo, header.heads, objects, env)
-            commits = [c for c in new if not self.has_commit(c["hash"])]
+            commits = read_new_commits(self.repo, header, env, self.indexed, limits.max_commits_per_push,
+                                       int(limits.max_message_kb * KB))
+            check_reachable(self.repo, header, objects, env)
             self.check_trees(commits, env)
             pack_bytes = sum(f.stat().st_size for f in (quarantine / "pack").iterdir())
             self.check_quota(agent_id, pack_bytes)

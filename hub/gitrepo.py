@@ -247,14 +247,16 @@ def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total:
     return names
 
 
-def check_reachable(repo: Path, heads: list[str], objects: set[str], env: dict) -> None:
-    """Every object of the bundle must belong to the history of its refs: objects that no commit reaches would
-    take the disk unseen, attributed to no one."""
-    for line in git_lines(repo, "rev-list", "--objects", *heads, env=env):
-        objects.discard(line[:40])
-    if objects:
-        raise BadBundle(f"bundle holds {len(objects)} objects that its commits do not reach (e.g. "
-                        f"{min(objects)}): bundle only what you push (git bundle create FILE HEAD)")
+def check_reachable(repo: Path, header: BundleHeader, objects: set[str], env: dict) -> None:
+    """Every object the bundle adds must belong to the history of its refs: objects that no commit reaches would
+    take the disk unseen, attributed to no one. (Objects the hub has already, such as the bases that
+    --fix-thin copies in, add nothing.)"""
+    new = missing_objects(repo, sorted(objects))
+    for line in git_lines(repo, "rev-list", "--objects", *header.heads, "--not", *header.prerequisites, env=env):
+        new.discard(line[:40])
+    if new:
+        raise BadBundle(f"bundle holds {len(new)} objects that its commits do not reach (e.g. {min(new)}): "
+                        "bundle only what you push (git bundle create FILE HEAD)")
 
 
 def check_file_sizes(repo: Path, blobs: dict[str, str], limit: int, env: dict) -> None:
@@ -270,26 +272,36 @@ def check_file_sizes(repo: Path, blobs: dict[str, str], limit: int, env: dict) -
                            "(--max-file-kb): an honest train.py is tens of KB")
 
 
-def read_new_commits(repo: Path, heads: list[str], env: dict, max_commits: int, max_message: int) -> list[dict]:
-    """The bundle's commits that no indexed commit reaches, parents before children."""
-    try:  # check_object_sizes bounded each commit, so reading max_commits + 1 of them is bounded too
-        out = git(repo, "log", "--topo-order", f"--max-count={max_commits + 1}",
-                  "--format=%H%x00%P%x00%at%x00%B%x00%x1e", *heads, "--not", "--all", env=env)
+def read_new_commits(repo: Path, header: BundleHeader, env: dict, indexed, max_commits: int,
+                     max_message: int) -> list[dict]:
+    """The bundle's commits that the index lacks (`indexed` says which of a list it has), parents before children.
+    The walk stops at the bundle's prerequisites, so it costs the bundle's history, not the hub's: with 50,000
+    commits, `--not --all` read every ref and took 0.26 s a push."""
+    try:
+        walked = list(git_lines(repo, "rev-list", "--topo-order", *header.heads, "--not", *header.prerequisites,
+                                env=env))
     except GitError as e:  # index-pack passed, so what is left to fail is a ref to a tree, a blob or nothing
         raise BadBundle(f"bundle refs must name commits the bundle holds: {e}") from None
+    known = indexed(walked)
+    new = [sha for sha in walked if sha not in known]
+    if len(new) > max_commits:
+        raise TooLarge(f"bundle adds more than {max_commits} commits; push fewer at a time (--max-commits-per-push)")
+    if not new:
+        return []
+    # check_object_sizes bounded each new commit, so reading at most max_commits of them is bounded too
+    out = git(repo, "log", "--no-walk=unsorted", "--stdin", "--format=%H%x00%P%x00%at%x00%B%x00%x1e",
+              input="".join(f"{sha}\n" for sha in new).encode(), env=env)
     commits = []
     for record in out.decode(errors="replace").split("\x00\x1e"):
         if record.strip():
             sha, parents, author_time, message = record.lstrip("\n").split("\x00", 3)
             commits.append({"hash": sha, "parents": parents.split(), "message": message.strip(),
                             "author_time": author_stamp(sha, author_time)})
-    if len(commits) > max_commits:
-        raise TooLarge(f"bundle adds more than {max_commits} commits; push fewer at a time (--max-commits-per-push)")
     for c in commits:
         if len(c["message"].encode()) > max_message:
             raise TooLarge(f"commit {c['hash']}'s message is over {max_message // 1024} KB: keep it to a subject "
                            "line and put long notes in a post (--max-message-kb)")
-    return commits[::-1]  # --max-count needs newest first; the index wants parents first
+    return commits[::-1]  # rev-list lists children first; the index wants parents first
 
 
 def tree_files(repo: Path, commit: str, env: dict) -> dict[str, tuple[str, str]]:
