@@ -1,6 +1,7 @@
 #!/bin/bash
 # autoresearch on many machines with SLURM: each array task is one node running launch.py (one agent per GPU it
-# was given) against one hub the lab runs (`uv run hub.py --data hub-data --host 0.0.0.0 --admin-key KEY`).
+# was given) against one hub the lab runs (`uv run hub.py --data hub-data --host 0.0.0.0 --admin-key KEY
+# --baseline-from .` in a checkout of the project: pushes may change only train.py from its files).
 #
 #   uv run prepare.py                                # once, on a login node: every task reads the same cache
 #   export HUB=http://hub.lab:8765 HUB_ADMIN_KEY=KEY

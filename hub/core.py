@@ -12,8 +12,9 @@ from pathlib import Path
 
 from hub.gitrepo import (GIT_READ_JOBS, GIT_TIMEOUT_S, BadBundle, GitError, TooLarge, check_file_sizes,
                          check_object_sizes, check_reachable, check_tree, create_refs, delete_refs, git, git_head,
-                         hub_refs, index_pack, init_repo, missing_objects, pack_refs, publish_pack, quarantine_env, read_bundle_header, read_new_commits, remove_stale_locks,
-                         remove_unpublished_packs, tree_files)
+                         hub_refs, index_pack, init_repo, missing_objects, pack_refs, publish_pack, quarantine_env,
+                         read_bundle_header, read_new_commits, remove_stale_locks, remove_unpublished_packs,
+                         tree_files)
 from hub.results import HASH_PREFIX_RE
 from hub.store import Store, claim_results, improvement_depth, utc_now
 
@@ -178,12 +179,12 @@ class Hub:
             (quarantine / "pack").mkdir()
             env = quarantine_env(self.repo, quarantine)
             index_pack(self.repo, bundle, header.pack_offset, env)
-            objects = check_object_sizes(self.repo, quarantine, int(limits.max_object_mb * MB),
+            sizes = check_object_sizes(self.repo, quarantine, int(limits.max_object_mb * MB),
                                          int(limits.max_push_mb * MB), int(limits.max_message_kb * KB) + COMMIT_HEADERS)
             commits = read_new_commits(self.repo, header, env, self.indexed, limits.max_commits_per_push,
                                        int(limits.max_message_kb * KB))
-            check_reachable(self.repo, header, objects, env)
-            self.check_trees(commits, env)
+            check_reachable(self.repo, header, set(sizes), env)
+            self.check_trees(commits, sizes, env)
             pack_bytes = sum(f.stat().st_size for f in (quarantine / "pack").iterdir())
             self.check_quota(agent_id, pack_bytes)
             publish_pack(quarantine, self.repo)
@@ -220,7 +221,7 @@ class Hub:
                                [(p, c["hash"]) for p in c["parents"]])
                 db.executemany("UPDATE commits SET leaf = 0 WHERE hash = ?", [(p,) for p in c["parents"]])
 
-    def check_trees(self, commits: list[dict], env: dict) -> None:
+    def check_trees(self, commits: list[dict], sizes: dict[str, int], env: dict) -> None:
         if not commits:
             return
         baseline, baseline_files = self.config.baseline, self.config.baseline_files
@@ -239,7 +240,7 @@ class Hub:
             check_tree(c["hash"], files, baseline, baseline_files, allowed)
             changed |= {files[p][1]: f"{p} of commit {c['hash']}" for p in allowed & files.keys()
                         if files[p] != baseline_files.get(p)}
-        check_file_sizes(self.repo, changed, int(self.config.max_file_kb * KB), env)
+        check_file_sizes(changed, sizes, int(self.config.max_file_kb * KB))
 
     def check_quota(self, agent_id: str, pack_bytes: int) -> None:
         used = self.disk_usage(agent_id)

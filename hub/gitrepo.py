@@ -224,17 +224,18 @@ def index_pack(repo: Path, bundle: Path, offset: int, env: dict) -> None:
             raise BadBundle(f"bundle's objects are truncated or invalid: {e}") from None
 
 
-def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total: int, max_commit: int) -> set[str]:
+def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total: int,
+                       max_commit: int) -> dict[str, int]:
     """What the bundle's objects expand to, read from the quarantine alone: a few hundred bytes of deltas can
     name a blob of gigabytes, and the bundle limit only counts what was sent. Commits are held to max_commit, so
-    that reading their messages is a bounded read. Returns the objects' names."""
-    total, names = 0, set()
+    that reading their messages is a bounded read. Returns each object's size by its name."""
+    total, sizes = 0, {}
     for line in git_lines(repo, "cat-file", "--batch-all-objects",
                           "--batch-check=%(objectsize) %(objecttype) %(objectname)",
                           env={"GIT_OBJECT_DIRECTORY": str(quarantine)}):  # no alternates: the new objects only
         size, kind, sha = line.split()
         total += int(size)
-        names.add(sha)
+        sizes[sha] = int(size)
         if int(size) > max_object:
             raise TooLarge(f"{kind} {sha} expands to {int(size) >> 20} MB; the hub takes objects up to "
                            f"{max_object >> 20} MB (--max-object-mb)")
@@ -244,14 +245,15 @@ def check_object_sizes(repo: Path, quarantine: Path, max_object: int, max_total:
     if total > max_total:
         raise TooLarge(f"bundle's objects expand to {total >> 20} MB; the hub takes up to {max_total >> 20} MB "
                        "a push (--max-push-mb)")
-    return names
+    return sizes
 
 
 def check_reachable(repo: Path, header: BundleHeader, objects: set[str], env: dict) -> None:
     """Every object the bundle adds must belong to the history of its refs: objects that no commit reaches would
     take the disk unseen, attributed to no one. (Objects the hub has already, such as the bases that
     --fix-thin copies in, add nothing.)"""
-    new = missing_objects(repo, sorted(objects))
+    # a bundle without prerequisites is whole, so --fix-thin copied nothing in
+    new = missing_objects(repo, sorted(objects)) if header.prerequisites else set(objects)
     for line in git_lines(repo, "rev-list", "--objects", *header.heads, "--not", *header.prerequisites, env=env):
         new.discard(line[:40])
     if new:
@@ -259,16 +261,12 @@ def check_reachable(repo: Path, header: BundleHeader, objects: set[str], env: di
                         "bundle only what you push (git bundle create FILE HEAD)")
 
 
-def check_file_sizes(repo: Path, blobs: dict[str, str], limit: int, env: dict) -> None:
-    """The files a push may change (train.py), each at most `limit` bytes: blobs maps object -> 'commit:path'."""
-    if not blobs:
-        return
-    out = git(repo, "cat-file", "--batch-check=%(objectname) %(objectsize)", env=env,
-              input="".join(f"{sha}\n" for sha in blobs).encode())
-    for line in out.decode().splitlines():
-        sha, size = line.split()
-        if int(size) > limit:
-            raise TooLarge(f"{blobs[sha]} is {size} bytes; the hub takes files up to {limit >> 10} KB "
+def check_file_sizes(blobs: dict[str, str], sizes: dict[str, int], limit: int) -> None:
+    """The files a push may change (train.py), each at most `limit` bytes: blobs maps object -> 'path of commit';
+    sizes has every object the push adds (one it does not add passed this check when it was pushed)."""
+    for sha, where in blobs.items():
+        if sizes.get(sha, 0) > limit:
+            raise TooLarge(f"{where} is {sizes[sha]} bytes; the hub takes files up to {limit >> 10} KB "
                            "(--max-file-kb): an honest train.py is tens of KB")
 
 
@@ -276,32 +274,25 @@ def read_new_commits(repo: Path, header: BundleHeader, env: dict, indexed, max_c
                      max_message: int) -> list[dict]:
     """The bundle's commits that the index lacks (`indexed` says which of a list it has), parents before children.
     The walk stops at the bundle's prerequisites, so it costs the bundle's history, not the hub's: with 50,000
-    commits, `--not --all` read every ref and took 0.26 s a push."""
+    commits, `--not --all` read every ref and took 0.26 s a push. check_object_sizes bounded every commit the
+    bundle adds, and the others were bounded when they were pushed."""
     try:
-        walked = list(git_lines(repo, "rev-list", "--topo-order", *header.heads, "--not", *header.prerequisites,
-                                env=env))
+        out = git(repo, "log", "--topo-order", "--format=%H%x00%P%x00%at%x00%B%x00%x1e", *header.heads, "--not",
+                  *header.prerequisites, env=env)
     except GitError as e:  # index-pack passed, so what is left to fail is a ref to a tree, a blob or nothing
         raise BadBundle(f"bundle refs must name commits the bundle holds: {e}") from None
-    known = indexed(walked)
-    new = [sha for sha in walked if sha not in known]
+    records = [r.lstrip("\n").split("\x00", 3) for r in out.decode(errors="replace").split("\x00\x1e") if r.strip()]
+    known = indexed([r[0] for r in records])
+    new = [r for r in records if r[0] not in known]
     if len(new) > max_commits:
         raise TooLarge(f"bundle adds more than {max_commits} commits; push fewer at a time (--max-commits-per-push)")
-    if not new:
-        return []
-    # check_object_sizes bounded each new commit, so reading at most max_commits of them is bounded too
-    out = git(repo, "log", "--no-walk=unsorted", "--stdin", "--format=%H%x00%P%x00%at%x00%B%x00%x1e",
-              input="".join(f"{sha}\n" for sha in new).encode(), env=env)
-    commits = []
-    for record in out.decode(errors="replace").split("\x00\x1e"):
-        if record.strip():
-            sha, parents, author_time, message = record.lstrip("\n").split("\x00", 3)
-            commits.append({"hash": sha, "parents": parents.split(), "message": message.strip(),
-                            "author_time": author_stamp(sha, author_time)})
+    commits = [{"hash": sha, "parents": parents.split(), "message": message.strip(),
+                "author_time": author_stamp(sha, author_time)} for sha, parents, author_time, message in new]
     for c in commits:
         if len(c["message"].encode()) > max_message:
             raise TooLarge(f"commit {c['hash']}'s message is over {max_message // 1024} KB: keep it to a subject "
                            "line and put long notes in a post (--max-message-kb)")
-    return commits[::-1]  # rev-list lists children first; the index wants parents first
+    return commits[::-1]  # git log lists children first; the index wants parents first
 
 
 def tree_files(repo: Path, commit: str, env: dict) -> dict[str, tuple[str, str]]:
