@@ -149,7 +149,6 @@ def main(argv=None) -> None:
                     max_git_reads_per_agent=args.max_git_reads_per_agent, max_agent_disk_mb=args.max_agent_disk_mb,
                     max_disk_mb=args.max_disk_mb,
                     allowed_hosts=served_names(args.host, args.allowed_host))
-    sys.setswitchinterval(0.0005)  # a query done on a worker thread gets the GIL back in 0.5 ms, not 5
     app.state.hub = Hub(config)  # opens the index and the repository and recovers from any kill before serving
     access = "closed (admin key)" if config.admin_key else f"open ({config.max_registrations_per_hour}/hour/address)"
     print(f"hub: data {config.data.resolve()}, registration {access}, http://{args.host}:{args.port}/", flush=True)
