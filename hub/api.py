@@ -35,6 +35,7 @@ MAX_JSON_BYTES = 512 * 1024         # one JSON request body: a full post survive
 DEFAULT_LIMIT = 50                  # rows a list call returns unless ?limit= says otherwise
 MAX_LIMIT = 500                     # the most rows one list call returns
 INLINE_ROWS = 50                    # a list page up to this many rows is read on the event loop
+STREAMED_BYTES = 1024 * 1024        # a fetched bundle larger than this is streamed from its file
 MAX_LIST_BYTES = 4 * 1024 * 1024    # one list answer: the rows past it are left off (page on with ?before=)
 DASHBOARD_SECONDS = 2.0             # how long one rendering of GET / is served
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -307,8 +308,12 @@ async def fetch(request: Request, ref: str):
     agent = authenticate(request)
     hub = the_hub(request)
     bundle = await git_read(request, agent, hub.fetch_bundle, hub.resolve(ref))
-    return FileResponse(bundle, media_type="application/octet-stream",
-                        background=BackgroundTask(shutil.rmtree, bundle.parent, ignore_errors=True))
+    if bundle.stat().st_size > STREAMED_BYTES:
+        return FileResponse(bundle, media_type="application/octet-stream",
+                            background=BackgroundTask(shutil.rmtree, bundle.parent, ignore_errors=True))
+    body = bundle.read_bytes()  # a small one at once: streaming costs a worker thread's hop per chunk
+    shutil.rmtree(bundle.parent, ignore_errors=True)
+    return Response(body, media_type="application/octet-stream")
 
 
 @app.get("/api/git/commits")
