@@ -51,13 +51,17 @@ def mount(*args: str) -> None:
 
 
 def confine(hidden: list[str]) -> None:
-    """Inside the namespaces, before the command: hide the secrets, then make all but WRITABLE read-only."""
-    # /tmp first, a mount of its own that the read-only root leaves writable: a bind leaves out the mounts below it
-    mount("--bind", "/tmp", "/tmp")
+    """Inside the namespaces, before the command: hide the secrets, then make all but WRITABLE read-only, the
+    checkout (the working folder) included even where it lies in /tmp."""
+    checkout = os.getcwd()
+    # binds first: a bind leaves out the mounts below its source, so a tmpfs made before would hide nothing
+    mount("--bind", "/tmp", "/tmp")  # a mount of its own, which the read-only root leaves writable
+    mount("--bind", checkout, checkout)
     for folder in hidden:
         mount("-t", "tmpfs", "-o", "mode=700,size=64k", "none", folder)
-    for point in mount_points():
+    for point in [*mount_points(), checkout, *hidden]:
         mount("-o", "remount,bind,ro", point)
+    os.chdir(checkout)  # the folder through the new mount, not the old one
 
 
 def can_confine() -> str | None:

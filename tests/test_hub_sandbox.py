@@ -44,11 +44,12 @@ try:
                                {"Authorization": "Bearer " + key, "Content-Type": "application/json"}), timeout=5)
 except OSError as e:
     print("hub unreachable:", e)
-try:
-    open(".agenthub/agent", "w").write('export AGENT_ID="mallory"\\n')
-    print("rewrote .agenthub/agent")
-except OSError as e:
-    print("checkout read-only:", e.strerror)
+for path in (os.path.abspath("prepare.py"), ".agenthub/agent"):  # code the agent runs later, and its name
+    try:
+        open(path, "a").write("\\n")
+        print("changed", path)
+    except OSError as e:
+        print("read-only:", e.strerror)
 '''
 
 
@@ -82,7 +83,7 @@ def test_a_hostile_train_py_gets_no_key_no_network_and_the_loop_goes_on(hub, tmp
     assert "stolen: []" in log
     assert agent_of(hub, victim, home).key not in log
     assert "hub unreachable:" in log and "reached the hub" not in log
-    assert "checkout read-only: Read-only file system" in log
+    assert log.count("read-only: Read-only file system") == 2 and "changed" not in log
 
     # the honest loop goes on: the result is read, logged and posted as the victim
     log_row(victim, "1.200000", "2.0", "discard", "mallory's schedule")
@@ -113,9 +114,11 @@ def test_without_namespaces_nothing_runs_and_one_line_says_so(tmp_path):
 
 
 @needs_namespaces
-def test_the_dataset_cache_reads_and_tmp_writes_inside(tmp_path):
+def test_the_dataset_cache_reads_and_tmp_writes_inside_but_not_the_checkout(tmp_path):
+    checkout = tmp_path / "checkout"  # in /tmp, which stays writable, yet read-only as the checkout
+    checkout.mkdir()
     script = (f"import os; print(os.access({str(Path.home())!r}, os.R_OK), os.access('/dev/null', os.W_OK)); "
-              f"open({str(tmp_path / 'out')!r}, 'w').write('x')")
-    inside = run_sandbox(tmp_path, sys.executable, "-c", script)
-    assert inside.returncode == 0 and inside.stdout == "True True\n", inside.stderr
-    assert (tmp_path / "out").read_text() == "x"
+              f"open({str(tmp_path / 'out')!r}, 'w').write('x'); open({str(checkout / 'in')!r}, 'w')")
+    inside = run_sandbox(checkout, sys.executable, "-c", script)
+    assert inside.stdout == "True True\n" and "Read-only file system" in inside.stderr, inside.stderr
+    assert (tmp_path / "out").read_text() == "x" and not (checkout / "in").exists()
