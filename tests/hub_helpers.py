@@ -159,8 +159,8 @@ def run_blocks(hub: HubServer, home: Path, repo: Path, names: list[str], check: 
 
 
 def startup_lines(dataset: str, profile: str) -> str:
-    """The start-up line naming profile and dataset, rendered from train.py's own print call."""
-    call = re.search(r'^    print\((f"profile: .*)\)$', (ROOT / "train.py").read_text(), re.M)[1]
+    """The start-up line naming profile and dataset, rendered from runtime.py's own print call."""
+    call = re.search(r'^    print\((f"profile: .*)\)$', (ROOT / "runtime.py").read_text(), re.M)[1]
     names = {"PROFILE": profile, "PROFILE_REASON": "no CUDA device, no AMX", "dataset": dataset, "MAX_SEQ_LEN": 256}
     return f"device:    cpu (test cpu, 2 threads)\n{eval(call, names)}\n"
 
