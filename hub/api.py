@@ -1,8 +1,9 @@
 """The HTTP API, exactly as the agenthub edition's agents call it, plus /api/results and the dashboard at /.
 
-Handlers are async and read SQLite directly on the event loop (sub-millisecond). Writes wait for an fsync, git
-runs for tens of milliseconds and the dashboard reads many rows, so these go to worker threads and never hold up the
-other requests."""
+Handlers are async. A list page of up to 50 rows is read from its index on the event loop (sub-millisecond);
+larger pages, writes (which wait for an fsync) and the dashboard go to the index's thread pool, diffs and fetches
+to their own, pushes to a third, so no kind of call holds up another. Connections have deadlines and a cap per
+client address (TimedH11Protocol, at the end)."""
 
 import asyncio
 import functools
