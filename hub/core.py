@@ -10,7 +10,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.gitrepo import (GIT_READ_JOBS, GIT_TIMEOUT_S, BadBundle, GitError, TooLarge, check_file_sizes,
+from hub.gitrepo import (GIT_READ_JOBS, GIT_TIMEOUT_S, BadBundle, GitError, GitTimeout, TooLarge, check_file_sizes,
                          check_object_sizes, check_reachable, check_tree, create_refs, delete_refs, git, git_head,
                          hub_refs, index_pack, init_repo, missing_objects, pack_refs, publish_pack, quarantine_env,
                          read_bundle_header, read_new_commits, remove_stale_locks, remove_unpublished_packs,
@@ -67,7 +67,7 @@ class HubError(Exception):
 
 def too_slow(e: GitError, what: str) -> Exception:
     """A git call the request made too long is the request's 422, naming the limit; any other failure is ours."""
-    if "took longer" not in str(e):
+    if not isinstance(e, GitTimeout):
         return e
     return HubError(422, f"{what} took git longer than {GIT_TIMEOUT_S} s, the hub's limit for one git call")
 
@@ -158,6 +158,8 @@ class Hub:
             raise HubError(413, str(e)) from None
         except BadBundle as e:
             raise HubError(400, str(e)) from None
+        except GitError as e:
+            raise too_slow(e, "checking this bundle") from None
         finally:
             self.push_lock.release()
 

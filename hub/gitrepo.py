@@ -32,6 +32,10 @@ class GitError(Exception):
     """git itself failed: a fault of the hub, not of the request."""
 
 
+class GitTimeout(GitError):
+    """A git call ran past GIT_TIMEOUT_S: the request asked too much of it (HTTP 422 or 413)."""
+
+
 class BadBundle(Exception):
     """The pushed body is not a bundle the hub can take; the message says why."""
 
@@ -72,7 +76,7 @@ def git(repo: Path, *args: str, input: bytes | None = None, stdin=None, env: dic
             result = subprocess.run(git_command(repo, args), input=input, stdin=stdin, capture_output=True,
                                     env=git_env(env), timeout=GIT_TIMEOUT_S, preexec_fn=limit_git)
         except subprocess.TimeoutExpired:
-            raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s") from None
+            raise GitTimeout(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s") from None
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip() or f"git {args[0]} failed"
         if "No space left on device" in message:  # the hub's disk, never the request's fault (LC_ALL=C: English)
@@ -98,7 +102,7 @@ def git_head(repo: Path, *args: str, limit: int, env: dict | None = None,
             returncode = proc.wait()
             timer.cancel()
         if len(out) <= limit and returncode == -9:
-            raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s")
+            raise GitTimeout(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s")
         if len(out) <= limit and returncode != 0:
             errors.seek(0)
             raise GitError(errors.read(4096).decode(errors="replace").strip() or f"git {args[0]} failed")
@@ -122,7 +126,7 @@ def git_lines(repo: Path, *args: str, env: dict | None = None):
             proc.wait()
             timer.cancel()
         if returncode == -9:  # the timer's kill
-            raise GitError(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s")
+            raise GitTimeout(f"git {args[0]} took longer than {GIT_TIMEOUT_S} s")
         if returncode != 0:
             errors.seek(0)
             raise GitError(errors.read(4096).decode(errors="replace").strip() or f"git {args[0]} failed")
@@ -220,7 +224,7 @@ def index_pack(repo: Path, bundle: Path, offset: int, env: dict) -> None:
             why = str(e).lower()
             if "out of memory" in why or "cannot allocate" in why:  # RLIMIT_AS stopped a delta bomb
                 raise TooLarge(f"bundle's objects expand past git's memory limit ({GIT_MEMORY >> 20} MB)") from None
-            if "took longer" in why:
+            if isinstance(e, GitTimeout):
                 raise TooLarge(f"bundle's objects took git longer than {GIT_TIMEOUT_S} s to unpack") from None
             raise BadBundle(f"bundle's objects are truncated or invalid: {e}") from None
 
@@ -280,6 +284,8 @@ def read_new_commits(repo: Path, header: BundleHeader, env: dict, indexed, max_c
     try:
         walked = list(git_lines(repo, "rev-list", "--topo-order", *header.heads, "--not", *header.prerequisites,
                                 env=env))
+    except GitTimeout:
+        raise
     except GitError as e:  # index-pack passed, so what is left to fail is a ref to a tree, a blob or nothing
         raise BadBundle(f"bundle refs must name commits the bundle holds: {e}") from None
     known = indexed(walked)

@@ -242,9 +242,17 @@ def test_a_git_call_past_its_time_limit_is_422_naming_it(tmp_path, monkeypatch):
     hub.push(tmp_path / "push.bundle", "a")
     monkeypatch.setattr(gitrepo, "GIT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(core, "GIT_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(gitrepo, "git_command", lambda repo, args: ["sleep", "5"])  # every git call is slow now
-    for call in (lambda: hub.diff(a, b), lambda: hub.fetch_bundle(b)):
+    real = gitrepo.git_command
+    monkeypatch.setattr(gitrepo, "git_command", lambda repo, args: ["sleep", "5"] if args[0] == "rev-list"
+                        else real(repo, args))  # the walk of a push's history is slow now
+    commit_change(repo, "q = 2\n", "two")
+    (tmp_path / "push.bundle").write_bytes(bundle(repo))
+    calls = [lambda: hub.push(tmp_path / "push.bundle", "a"), lambda: hub.diff(a, b), lambda: hub.fetch_bundle(b)]
+    for i, call in enumerate(calls):
+        if i == 1:
+            monkeypatch.setattr(gitrepo, "git_command", lambda repo, args: ["sleep", "5"])  # every git call
         with pytest.raises(HubError) as e:
             call()
-        assert e.value.status == 422 and "the hub's limit for one git call" in e.value.message
+        assert e.value.status == 422 and "took git longer than 0.5 s, the hub's limit for one git call" in \
+            e.value.message, e.value.message
     assert os.listdir(tmp_path / "data" / "incoming") == []
