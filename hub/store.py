@@ -170,8 +170,8 @@ def list_commits(store: Store, limit: int, agent: str | None = None, before: str
 
 def list_leaves(store: Store, limit: int, before: str | None = None) -> list[dict]:
     """The commits nothing builds on, best-ranked first: deepest (most improvements), then newest."""
-    depth, seq = (2**62, 2**62) if before is None else (store.row("SELECT depth FROM commits WHERE hash = ?",
-                                                                   (before,))["depth"], seq_of(store, before))
+    after = store.row("SELECT depth, seq FROM commits WHERE hash = ?", (before,)) if before else None
+    depth, seq = (after["depth"], after["seq"]) if after else (2**62, 2**62)
     rows = store.rows(f"SELECT {COMMIT_COLUMNS} FROM commits WHERE leaf AND (depth, seq) < (?, ?) "
                       "ORDER BY depth DESC, seq DESC LIMIT ?", (depth, seq, limit))
     return [commit_subject_json(r) for r in rows]
