@@ -227,3 +227,10 @@ def hub_state(data: Path) -> dict:
                              capture_output=True, text=True, check=True).stdout
     return {**counts, "objects": objects, "incoming": sorted(os.listdir(data / "incoming"))}
 
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from hub_helpers import HubServer, bundle, commit_change, git, make_repo
+from hub_helpers import HubServer, alive, bundle, commit_change, git, make_repo
 
 
 def check_consistent(data: Path) -> set[str]:
@@ -228,9 +228,3 @@ def test_stale_locks_are_removed_at_start_up(tmp_path):
     assert agent.push(bundle(repo)).json() == {"added": []} and check_consistent(data) == {first, second}
     server.stop()
 
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -23,8 +23,8 @@ from types import SimpleNamespace
 import pytest
 
 from launch import add_worktree
-from hub_helpers import (BASE_ENV, ROOT, agent_of, commit_change, free_port, git, make_repo, needs_curl, program_blocks,
-                      startup_lines)
+from hub_helpers import (BASE_ENV, ROOT, agent_of, alive, commit_change, free_port, git, make_repo, needs_curl,
+                         program_blocks, startup_lines)
 
 # the stand-in agent: setup and a kept run on its first launch, a discarded run on the next, then it waits for
 # Ctrl-C in a child process (as an agent waits on train.py); val_bpb 1.I00000 and 0.9I0000 for agentI
@@ -93,12 +93,6 @@ def descendants(pid: int) -> set[int]:
             todo.append(child)
     return found
 
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def kill_all(pids) -> None:
