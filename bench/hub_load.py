@@ -27,11 +27,13 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import requests
 
-import runs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -54,22 +56,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def git(repo: Path, *args: str) -> bytes:
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", **GIT_ENV}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True).stdout
-
-
-def start_hub(data: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(data), "--port", str(port),
-                             "--admin-key", ADMIN_KEY, "--log-level", "warning"], cwd=ROOT)
-    for _ in range(300):
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).ok:
-                return proc
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise TimeoutError("hub did not start")
 
 # ---------------------------------------------------------------------------
 # Simulated agents
@@ -99,14 +85,15 @@ class SimAgent:
 def build_bundles(repo: Path, n: int) -> list[tuple[str, bytes]]:
     """An orphan baseline and n-1 improvements, each bundled whole, as program-hub.md pushes them."""
     repo.mkdir(parents=True)
-    git(repo, "init", "--quiet")
-    bundles = []
+    git = partial(harness.git, cwd=repo, env=GIT_ENV)
+    git("init", "--quiet")
+    bundles, bundle = [], repo / ".git" / "push.bundle"
     for i in range(n):
         (repo / "train.py").write_text(f"# {repo.name}\n" + "".join(f"step_{k} = {k}\n" for k in range(i + 1)))
-        git(repo, "add", "train.py")
-        git(repo, "commit", "--quiet", "-m", "baseline" if i == 0 else random.choice(IDEAS))
-        bundles.append((git(repo, "rev-parse", "HEAD").decode().strip(), git(repo, "bundle", "create", "-q", "-",
-                                                                             "HEAD")))
+        git("add", "train.py")
+        git("commit", "--quiet", "-m", "baseline" if i == 0 else random.choice(IDEAS))
+        git("bundle", "create", "-q", str(bundle), "HEAD")
+        bundles.append((git("rev-parse", "HEAD"), bundle.read_bytes()))
     return bundles
 
 
@@ -223,7 +210,7 @@ def report(record: Recorder, elapsed: float, args) -> None:
     rate = rows[-1]["count"] / elapsed
     print(f"throughput: {rate:.0f} requests/s, p50 {rows[-1]['p50_ms']:.1f} ms, p99 {rows[-1]['p99_ms']:.1f} ms; at "
           f"~10 calls per 5-minute experiment that is ~{rate * 30:,.0f} agents")
-    name = f"hub-load-{runs.slug(machine)}-{f'rate{args.rate:g}' if args.rate else 'flat-out'}.json"
+    name = f"hub-load-{harness.slug(machine)}-{f'rate{args.rate:g}' if args.rate else 'flat-out'}.json"
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=machine, date=datetime.date.today().isoformat(), agents=args.agents,
@@ -234,12 +221,13 @@ def report(record: Recorder, elapsed: float, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--agents", type=runs.at_least(1), default=24)
-    p.add_argument("--workers", type=runs.at_least(1), default=8, help="client threads sending calls at once")
-    p.add_argument("--seconds", type=runs.at_least(0.1, float), default=15.0)
-    p.add_argument("--rate", type=runs.at_least(0, float), default=0,
+    p.add_argument("--agents", type=harness.at_least(1), default=24)
+    p.add_argument("--workers", type=harness.at_least(1), default=8, help="client threads sending calls at once")
+    p.add_argument("--seconds", type=harness.at_least(0.1, float), default=15.0)
+    p.add_argument("--rate", type=harness.at_least(0, float), default=0,
                    help="requests/s to pace the calls at (default: flat out)")
-    p.add_argument("--pushes", type=runs.at_least(1), default=12, help="bundles prebuilt per agent (its improvements)")
+    p.add_argument("--pushes", type=harness.at_least(1), default=12,
+                   help="bundles prebuilt per agent (its improvements)")
     p.add_argument("--keep", type=Path, help="use this folder for the hub's data and keep it afterwards")
     p.add_argument("--out", type=Path, help="JSON file to write (default bench/results/hub-load-<machine>-...json)")
     args = p.parse_args()
@@ -248,10 +236,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.keep or Path(tmp) / "data"
-        port = free_port()
-        hub = start_hub(data, port)
+        port, log = free_port(), Path(tmp) / "hub.log"
+        hub = harness.start_hub(data, port, ADMIN_KEY, log)
         try:
             url = f"http://127.0.0.1:{port}"
+            harness.wait_for_hub(url, hub, log)
             names = list(PLATFORMS)
             agents = [SimAgent(url, f"agent-{i:02d}-{names[i % len(names)].lower()}", names[i % len(names)],
                                Path(tmp) / "repos", args.pushes) for i in range(args.agents)]
