@@ -40,10 +40,12 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench import runs
+import harness
 
 RUN_TIMEOUT = 900    # seconds before a run is stopped and counted as a crash (program.md's `timeout 900`)
-HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+KILL_AFTER = 30      # seconds from its SIGTERM to its SIGKILL (program.md's `timeout --kill-after=30`)
+COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
+HEADER = "\t".join(COLUMNS) + "\n"
 RESERVED_IDS = {"baseline", "combined"}
 SIGMA_SEEDS = (43, 44)  # program.md's two re-runs of the baseline when σ is not in its table
 LIVE = set()          # running train.py processes, stopped on Ctrl-C
@@ -113,7 +115,7 @@ def next_seed(source):
 def edited_source(source, exp, profile):
     """train.py of the baseline with the experiment's edits, or a clear error naming the experiment."""
     try:
-        edited = runs.edit_constants(source, exp["edits"], profile)
+        edited = harness.edit_constants(source, exp["edits"], profile)
         compile(edited, "train.py", "exec")
     except ValueError as e:
         fail(f"experiment {exp['id']}: {e}: check the constant's name in train.py")
@@ -122,22 +124,8 @@ def edited_source(source, exp, profile):
     return edited
 
 # ---------------------------------------------------------------------------
-# Git: commits made with plumbing, so no checkout changes; worktrees to run them in
+# Git: commits made with plumbing, so no checkout changes (harness.py runs git and makes the worktrees)
 # ---------------------------------------------------------------------------
-
-def git(*args, cwd=None, input=None, env=None):
-    result = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
-    if result.returncode:
-        fail(f"git {' '.join(args[:3])}: {(result.stderr.strip().splitlines() or ['failed'])[-1]}")
-    return result.stdout.strip()
-
-
-def ref_commit(repo, ref):
-    result = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo,
-                            capture_output=True, text=True)
-    return result.stdout.strip() or None
-
 
 def identity(repo):
     """Commit author from git's config, or a placeholder for this process only (as program.md's setup does)."""
@@ -152,42 +140,35 @@ def commit_edit(repo, tag, name, baseline, source, message):
     """The commit `baseline` + train.py = source, kept under refs/campaigns/<tag>/<name>; on a resume the existing
     one, provided it still holds this source."""
     ref = f"refs/campaigns/{tag}/{name}"
-    existing = ref_commit(repo, ref)
+    existing = harness.ref_commit(repo, ref)
     if existing:
-        if git("show", f"{existing}:train.py", cwd=repo) != source.rstrip("\n"):
+        if harness.git("show", f"{existing}:train.py", cwd=repo) != source.rstrip("\n"):
             fail(f"{name}: its edits differ from its commit {existing[:7]} of an earlier run of this campaign: "
                  "restore the plan or start another with --tag")
         return existing
-    blob = git("hash-object", "-w", "--stdin", cwd=repo, input=source)
+    blob = harness.git("hash-object", "-w", "--stdin", cwd=repo, input=source)
     entries = [line if line.split("\t")[1] != "train.py" else f"100644 blob {blob}\ttrain.py"
-               for line in git("ls-tree", baseline, cwd=repo).splitlines()]
-    tree = git("mktree", cwd=repo, input="\n".join(entries) + "\n")
-    commit = git("commit-tree", tree, "-p", baseline, "-m", message, cwd=repo, env=identity(repo))
-    git("update-ref", ref, commit, cwd=repo)
+               for line in harness.git("ls-tree", baseline, cwd=repo).splitlines()]
+    tree = harness.git("mktree", cwd=repo, input="\n".join(entries) + "\n")
+    commit = harness.git("commit-tree", tree, "-p", baseline, "-m", message, cwd=repo, env=identity(repo))
+    harness.git("update-ref", ref, commit, cwd=repo)
     return commit
 
 
 def find_baseline(repo, tag, orphan):
     """(baseline commit, new): the one of an earlier run of this tag, else HEAD. `orphan`: HEAD's files in a commit
     without history, as program-hub.md's setup makes for the hub."""
-    baseline = ref_commit(repo, f"refs/campaigns/{tag}/baseline")
+    baseline = harness.ref_commit(repo, f"refs/campaigns/{tag}/baseline")
     if baseline:
         return baseline, False
-    if ref_commit(repo, f"refs/heads/autoresearch/{tag}"):
+    if harness.ref_commit(repo, f"refs/heads/autoresearch/{tag}"):
         fail(f"branch autoresearch/{tag} exists already and is not this campaign's: choose another --tag")
-    if git("status", "--porcelain", "--", "train.py", cwd=repo):
+    if harness.git("status", "--porcelain", "--", "train.py", cwd=repo):
         print("note: train.py has uncommitted changes; the baseline is the committed one")
-    head = git("rev-parse", "HEAD", cwd=repo)
+    head = harness.git("rev-parse", "HEAD", cwd=repo)
     if orphan:
-        return git("commit-tree", f"{head}^{{tree}}", "-m", "baseline", cwd=repo, env=identity(repo)), True
+        return harness.git("commit-tree", f"{head}^{{tree}}", "-m", "baseline", cwd=repo, env=identity(repo)), True
     return head, True
-
-
-def add_worktree(repo, path, commit):
-    """A detached checkout of `commit` at `path`: made once, then reused by every later run and resume."""
-    if not (path / ".git").exists():
-        git("worktree", "prune", cwd=repo)  # forget one whose folder was deleted
-        git("worktree", "add", "--detach", "--force", str(path), commit, cwd=repo)
 
 # ---------------------------------------------------------------------------
 # Runs and rows
@@ -196,7 +177,7 @@ def add_worktree(repo, path, commit):
 def run_commit(repo, path, commit, log, env):
     """Run train.py of `commit` in the worktree at `path`, output into `log`. Returns dict(summary, hardware,
     crash): crash is None for a run that printed its summary, else why not, in a few words."""
-    git("checkout", "--detach", "--force", "--quiet", commit, cwd=path)
+    harness.git("checkout", "--detach", "--force", "--quiet", commit, cwd=path)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "train.py"], cwd=path, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **env}, start_new_session=True)
@@ -205,12 +186,12 @@ def run_commit(repo, path, commit, log, env):
             proc.wait(timeout=RUN_TIMEOUT)
             timed_out = False
         except subprocess.TimeoutExpired:
-            stop(proc)
+            harness.stop([proc], KILL_AFTER)
             timed_out = True
         finally:
             LIVE.discard(proc)
     text = Path(log).read_text(errors="replace")
-    summary = runs.read_summary(text)
+    summary = harness.read_summary(text)
     crash = None
     if timed_out:
         crash = f"timeout after {RUN_TIMEOUT} s"
@@ -226,25 +207,11 @@ def hardware(text):
     return found.group(1) if found else None
 
 
-def stop(proc):
-    """SIGTERM to the run's process group, SIGKILL 30 s later (program.md's `timeout --kill-after=30`)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
-
-
 def read_rows(results):
-    if not results.exists():
-        return []
-    lines = results.read_text().splitlines()
-    if lines and lines[0] + "\n" != HEADER:
+    header, rows = harness.read_results(results)
+    if header is not None and header + "\n" != HEADER:
         fail(f"{results} has another header than program.md's five columns: move it away")
-    return [dict(zip(("commit", "val_bpb", "memory_gb", "status", "description"), line.split("\t")))
-            for line in lines[1:] if line.count("\t") == 4]
+    return [dict(zip(COLUMNS, row)) for row in rows if len(row) == len(COLUMNS)]
 
 
 def append_row(results, commit, result, status, description):
@@ -345,7 +312,7 @@ class Hub:
         """The row to #results, a kept commit pushed with it. A hub error here is printed, not fatal: the row is in
         results.tsv already."""
         if result["summary"].get("dataset") and self.dataset is None:  # the baseline's, for crashed runs too
-            self.platform = runs.slug(result["hardware"] or "unknown")
+            self.platform = harness.slug(result["hardware"] or "unknown")
             self.dataset, self.profile = result["summary"]["dataset"], result["summary"]["profile"]
         prefix = {"discard": "DISCARD: ", "crash": "CRASH: "}.get(row["status"], "")
         content = (f"commit:{row['commit']} platform:{self.platform} val_bpb:{row['val_bpb']} "
@@ -355,12 +322,12 @@ class Hub:
             try:
                 if row["status"] == "keep":
                     bundle = self.repo / ".agenthub" / "push.bundle"
-                    ref = git("for-each-ref", "--points-at", commit, "--format=%(refname)", "refs/campaigns/",
+                    ref = harness.git("for-each-ref", "--points-at", commit, "--format=%(refname)", "refs/campaigns/",
                               cwd=self.repo).split()[0]  # a bundle names its tip by a ref
-                    git("bundle", "create", "--quiet", str(bundle), ref, cwd=self.repo)
+                    harness.git("bundle", "create", "--quiet", str(bundle), ref, cwd=self.repo)
                     self.call("/api/git/push", data=bundle.read_bytes())
                 self.call("/api/channels/results/posts", json={"content": content})
-            except SystemExit as e:
+            except (SystemExit, harness.GitError) as e:
                 print(f"warning: {e}", flush=True)
 
 # ---------------------------------------------------------------------------
@@ -373,17 +340,17 @@ class Campaign:
         self.results = repo / "results.tsv"
         self.dir = repo / ".campaign" / tag
         self.baseline, new = find_baseline(repo, tag, orphan=hub is not None)
-        self.source = git("show", f"{self.baseline}:train.py", cwd=repo) + "\n"
+        self.source = harness.git("show", f"{self.baseline}:train.py", cwd=repo) + "\n"
         self.profile = worker_profile(repo, worker_envs[0])
         for exp in experiments:  # every edit checked before anything is made or run
             exp["source"] = edited_source(self.source, exp, self.profile)
         if new:
-            git("branch", f"autoresearch/{tag}", self.baseline, cwd=repo)
-            git("update-ref", f"refs/campaigns/{tag}/baseline", self.baseline, cwd=repo)
+            harness.git("branch", f"autoresearch/{tag}", self.baseline, cwd=repo)
+            harness.git("update-ref", f"refs/campaigns/{tag}/baseline", self.baseline, cwd=repo)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.free = queue.Queue()  # (worktree path, env) of idle workers
         for k, env in enumerate(worker_envs):
-            add_worktree(repo, self.dir / f"worktree-{k}", self.baseline)
+            harness.add_worktree(repo, self.dir / f"worktree-{k}", self.baseline)
             self.free.put((self.dir / f"worktree-{k}", env))
         self.workers = len(worker_envs)
 
@@ -418,7 +385,7 @@ class Campaign:
             fail(f"the baseline crashed in an earlier run (see {self.dir / 'baseline.log'}): fix it, then use "
                  "another --tag")
         text = (self.dir / "baseline.log").read_text(errors="replace") if (self.dir / "baseline.log").exists() else ""
-        label = platform_label(dict(summary=runs.read_summary(text), hardware=hardware(text)))
+        label = platform_label(dict(summary=harness.read_summary(text), hardware=hardware(text)))
         return float(done[0]["val_bpb"] if done else result["summary"]["val_bpb"]), label
 
     def sigma(self, best, label):
@@ -426,7 +393,7 @@ class Campaign:
         measured as program.md says, from the baseline and two re-runs with SEEDs 43 and 44."""
         if self.sigma_given is not None:
             return self.sigma_given, "--sigma"
-        program = git("show", f"{self.baseline}:program.md", cwd=self.repo)
+        program = harness.git("show", f"{self.baseline}:program.md", cwd=self.repo)
         table = sigma_from_table(program, label)
         if table is not None:
             return table, f"program.md's table for {', '.join(map(str, label))}"
@@ -475,7 +442,7 @@ class Campaign:
             self.log(commit, result, "discard", f"{description} (within noise)")
         seed = next_seed(exp["source"])
         rerun = commit_edit(self.repo, self.tag, f"{exp['id']}-rerun", commit,
-                            runs.edit_constants(exp["source"], {"SEED": str(seed)}),
+                            harness.edit_constants(exp["source"], {"SEED": str(seed)}),
                             f"{exp['id']}: re-run, SEED {seed}")
         done = rows_of(read_rows(self.results), rerun)
         if done:
@@ -513,16 +480,16 @@ class Campaign:
         kept = [(value, commit) for status, value, commit in results if status == "keep"]
         target = min(kept)[1] if kept else self.baseline
         branch = f"refs/heads/autoresearch/{self.tag}"
-        if f"branch {branch}\n" in git("worktree", "list", "--porcelain", cwd=self.repo) + "\n":
+        if f"branch {branch}\n" in harness.git("worktree", "list", "--porcelain", cwd=self.repo) + "\n":
             print(f"branch autoresearch/{self.tag} is checked out, so it stays; the best kept commit is {target[:7]}")
         else:
-            git("update-ref", branch, target, cwd=self.repo)
+            harness.git("update-ref", branch, target, cwd=self.repo)
             print(f"branch autoresearch/{self.tag} is at {target[:7]}" + (" (the best kept)" if kept else
                   " (the baseline: nothing was kept)"))
         for k in range(self.workers):
             path = self.dir / f"worktree-{k}"
             if path.exists():
-                git("worktree", "remove", "--force", str(path), cwd=self.repo)
+                harness.git("worktree", "remove", "--force", str(path), cwd=self.repo)
 
 
 def worker_profile(repo, env):
@@ -563,13 +530,13 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", help="the plan, a TOML file (campaigns/*.toml)")
     parallel = parser.add_mutually_exclusive_group()
-    parallel.add_argument("--workers", type=runs.at_least(1), default=1,
+    parallel.add_argument("--workers", type=harness.at_least(1), default=1,
                           help="runs at once on this CPU (default 1; more share the cores: see the README)")
     parallel.add_argument("--gpus", type=parse_gpus, help="GPU indices, one run on each at once, e.g. 0,1,2,3")
     parser.add_argument("--tag", help="branch autoresearch/<tag> (default: the plan's name)")
     parser.add_argument("--shard", type=parse_shard, default=(1, 1),
                         help="K/N: run every N-th experiment from the K-th, to split a plan over N machines")
-    parser.add_argument("--sigma", type=runs.at_least(0.0, float),
+    parser.add_argument("--sigma", type=harness.at_least(0.0, float),
                         help="σ of val_bpb for the noise rule (default: program.md's table, else measured)")
     parser.add_argument("--hub", help="post every row to this hub and push kept commits (program-hub.md)")
     args = parser.parse_args()
@@ -622,4 +589,7 @@ def interrupted(signum, frame):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except harness.GitError as e:  # one line, as every other refusal
+        fail(e)

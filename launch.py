@@ -25,14 +25,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parent  # hub.py lives here
+import harness
+
 AGENTS_DIR = ".agents"                  # worktrees, logs and the local hub's data, inside the checkout (ignored)
-HUB_WAIT_SECONDS = 30                   # for a hub to answer /api/health
 STOP_SECONDS = 10                       # between SIGTERM and SIGKILL
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,50}")  # the hub's agent ids, room left for -agentI
 
@@ -89,71 +88,23 @@ def fail(message: str) -> None:
     sys.exit(f"launch: {message}")
 
 
-def git(repo: Path, *args: str) -> str:
-    """git's output; a failure raises RuntimeError with git's own last line."""
-    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if result.returncode:
-        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
-        raise RuntimeError(f"git {' '.join(args)}: {lines[-1]}")
-    return result.stdout.strip()
-
-
-def add_worktree(repo: Path, path: Path, branch: str) -> bool:
-    """A git worktree of `repo` at `path`, on `branch` (made at repo's HEAD when it does not exist). A worktree of
-    `repo` already at `path` is reused as it is, on whatever branch its work has moved to, so that running again
-    resumes; one whose folder was deleted is made again. True when it was made now. Raises RuntimeError, with a
-    line saying why, when `path` holds something else or git refuses."""
-    path = path.resolve()
-    if f"worktree {path}" in git(repo, "worktree", "list", "--porcelain").splitlines() and path.exists():
-        return False
-    git(repo, "worktree", "prune")  # forgets worktrees whose folder is gone, so their branches can be checked out
-    if path.exists():
-        raise RuntimeError(f"{path} exists and is not a worktree of {repo}: move it away")
-    known = subprocess.run(["git", "show-ref", "--quiet", "--verify", f"refs/heads/{branch}"], cwd=repo).returncode
-    git(repo, "worktree", "add", "--quiet", *([str(path), branch] if known == 0 else ["-b", branch, str(path)]))
-    return True
-
-
 def checkout_root() -> Path:
     try:
-        return Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
-    except RuntimeError:
+        return Path(harness.git("rev-parse", "--show-toplevel"))
+    except harness.GitError:
         fail(f"{Path.cwd()} is not in a git repository: run launch.py from your checkout of autoresearch")
 
 
-def start_hub(folder: Path, port: int, admin_key: str, baseline: Path) -> subprocess.Popen:
-    """hub.py on 127.0.0.1:port with its data in folder/hub-data, in a process group of its own; pushes may change
-    only train.py from the files of the checkout `baseline`."""
+def start_local_hub(folder: Path, port: int, admin_key: str, baseline: Path) -> subprocess.Popen:
+    """hub.py on 127.0.0.1:port with its data in folder/hub-data and its log folder/hub.log; pushes may change only
+    train.py from the files of the checkout `baseline`."""
     with socket.socket() as s:  # a hub already on the port would answer our health checks instead
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             fail(f"port {port} is in use: give --port another, or --hub URL to join the hub there")
-    with open(folder / "hub.log", "ab") as log:
-        return subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(folder / "hub-data"), "--port",
-                                 str(port), "--log-level", "warning", "--baseline-from", str(baseline)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
-                                env={**os.environ, "HUB_ADMIN_KEY": admin_key})
-
-
-def wait_for_hub(url: str, hub: subprocess.Popen | None, log: Path | None) -> None:
-    deadline = time.monotonic() + HUB_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if hub and hub.poll() is not None:
-            fail(f"the local hub stopped at start-up: {last_line(log)} (all of it in {log})")
-        try:
-            with urllib.request.urlopen(url + "/api/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    fail(f"no hub answers at {url}/api/health after {HUB_WAIT_SECONDS} s: start one (uv run hub.py) or drop --hub")
-
-
-def last_line(path: Path) -> str:
-    lines = path.read_text(errors="replace").strip().splitlines()
-    return lines[-1] if lines else "(no output)"
+    return harness.start_hub(folder / "hub-data", port, admin_key, folder / "hub.log", baseline)
 
 
 def start_agent(command: list[str], worktree: Path, log: Path, env: dict) -> subprocess.Popen:
@@ -171,12 +122,8 @@ def start_agent(command: list[str], worktree: Path, log: Path, env: dict) -> sub
 
 
 def tally(results: Path) -> tuple[int, float | None]:
-    """Rows of a results.tsv (program.md's: commit, val_bpb, memory_gb, status, description, under a header) and
-    the lowest val_bpb among its keep rows; (0, None) before the first row."""
-    try:
-        rows = [line.split("\t") for line in results.read_text().splitlines()[1:] if line.strip()]
-    except FileNotFoundError:
-        return 0, None
+    """Rows of a results.tsv and the lowest val_bpb among its keep rows; (0, None) before the first row."""
+    rows = harness.read_results(results)[1]
     kept = []
     for row in rows:
         try:
@@ -208,7 +155,7 @@ def watch(agents: list[Agent], hub: subprocess.Popen | None, hub_log: Path, ever
                 print(f"launch: {agents[i].label} exited with status {agents[i].proc.returncode}; "
                       f"its log is {agents[i].log}")
         if hub and hub.poll() is not None:
-            print(f"launch: the local hub stopped (status {hub.returncode}): {last_line(hub_log)}")
+            print(f"launch: the local hub stopped (status {hub.returncode}): {harness.last_line(hub_log)}")
             return 1
         if time.monotonic() >= next_status:
             print(status_line(agents, time.monotonic() - start))
@@ -217,31 +164,12 @@ def watch(agents: list[Agent], hub: subprocess.Popen | None, hub_log: Path, ever
     return int(any(agent.proc.returncode for agent in agents))
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM to each process's group, SIGKILL to what is left of them after STOP_SECONDS."""
-    def signal_group(proc, sig):
-        try:
-            os.killpg(proc.pid, sig)
-            return True
-        except ProcessLookupError:  # the whole group is gone
-            return False
-
-    for proc in procs:
-        signal_group(proc, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_SECONDS
-    while time.monotonic() < deadline and any(p.poll() is None or signal_group(p, 0) for p in procs):
-        time.sleep(0.1)
-    for proc in procs:
-        signal_group(proc, signal.SIGKILL)
-        proc.wait()
-
-
 def make_worktrees(repo: Path, folder: Path, gpus: list[str], name: str) -> list[Path]:
     """folder/agentI for each agent, made or reused, each announced with its name, device and log."""
     worktrees = []
     for i, gpu in enumerate(gpus):
         worktrees.append(folder / f"agent{i}")
-        made = add_worktree(repo, worktrees[i], f"launch/agent{i}")
+        made = harness.add_worktree(repo, worktrees[i], branch=f"launch/agent{i}")
         print(f"launch: agent{i} ({name}-agent{i}, {f'GPU {gpu}' if gpu else 'CPU'}) in {worktrees[i]} "
               f"({'new' if made else 'reused'}), log {folder / f'agent{i}.log'}")
     return worktrees
@@ -265,23 +193,26 @@ def main(argv: list[str] | None = None) -> None:
             url = args.hub.rstrip("/")
         else:
             env["HUB_ADMIN_KEY"] = secrets.token_hex(32)  # a closed hub: registration needs the key, no rate limit
-            hub, url = start_hub(folder, args.port, env["HUB_ADMIN_KEY"], repo), f"http://127.0.0.1:{args.port}"
+            hub, url = start_local_hub(folder, args.port, env["HUB_ADMIN_KEY"], repo), f"http://127.0.0.1:{args.port}"
             print(f"launch: hub {url}/ (data {folder / 'hub-data'}, log {folder / 'hub.log'})")
-        wait_for_hub(url, hub, folder / "hub.log")
+        try:
+            harness.wait_for_hub(url, hub, folder / "hub.log")
+        except TimeoutError as e:
+            fail(f"{e}: start one (uv run hub.py) or drop --hub")
         for i, (worktree, gpu) in enumerate(zip(worktrees, gpus)):
             agent_env = {**env, "AGENT_NAME": f"{args.name}-agent{i}", "HUB": url, "CUDA_VISIBLE_DEVICES": gpu}
             log = folder / f"agent{i}.log"
             agents.append(Agent(f"agent{i}", worktree, log, start_agent(command, worktree, log, agent_env)))
         code = watch(agents, hub, folder / "hub.log", args.status_every)
-    except RuntimeError as e:  # git refused a worktree
+    except RuntimeError as e:  # git refused a worktree, or the local hub stopped at start-up
         fail(str(e))
     except KeyboardInterrupt:
         code = 130
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut the stop short
             signal.signal(sig, signal.SIG_IGN)
-        stop([agent.proc for agent in agents])
-        stop([hub] if hub else [])
+        harness.stop([agent.proc for agent in agents], STOP_SECONDS)
+        harness.stop([hub] if hub else [], STOP_SECONDS)
     print(f"launch: stopped {len(agents)} agents{' and the hub' if hub else ''}; the same command resumes")
     sys.exit(code)
 

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 import prepare
-import runs
 import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,12 +73,12 @@ def main():
         parser.error("give at least one seed and a positive --budget")
     for name in names:  # a candidate that names no constant fails now, not after an hour
         try:
-            runs.edit_constants((runs.REPO / "train.py").read_text(), candidates[name])
+            harness.edit_constants((harness.REPO / "train.py").read_text(), candidates[name])
         except ValueError as e:
             parser.error(f"candidate {name}: {e}")
 
     device, machine = runtime.pick_device()
-    slug = runs.slug(machine)
+    slug = harness.slug(machine)
     out = Path(args.out) if args.out else RESULTS / f"cpu-defaults-{args.profile}-{slug}.json"
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     env = {"AUTORESEARCH_TIME_BUDGET": str(args.budget), "AUTORESEARCH_PROFILE": args.profile}
@@ -88,8 +88,8 @@ def main():
         for seed in seeds:
             log = Path(args.logs) / f"{args.profile}-{name}-seed{seed}.log"
             print(f"[{datetime.datetime.now():%H:%M:%S}] {name}, SEED {seed}", flush=True)
-            summary, output, wall = runs.run_train({**candidates[name], "SEED": seed}, env=env, log=log,
-                                                   timeout=args.budget * 6 + 600)
+            summary, output, wall = harness.run_train({**candidates[name], "SEED": seed}, env=env, log=log,
+                                                      timeout=args.budget * 6 + 600)
             if "val_bpb" not in summary:
                 print(f"    crashed: see {log}", flush=True)
                 continue

@@ -34,9 +34,9 @@ stamp() { echo "[$(date +%T)] $*"; }
 if [ $DRY = 1 ]; then
     GPU_ARGS=(--steps 2 --warmup 1); TEST_TIMEOUT=300; GPU_TIMEOUT=300; TRAIN_TIMEOUT=300
     train() {  # a tiny copy of train.py for 3 seconds: the run's plumbing, not its numbers
-        "$PY" -c 'import sys; sys.path.insert(0, "bench"); import runs
-summary, output, wall = runs.run_train(dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", TOTAL_BATCH_SIZE="2**11",
-                                           DEVICE_BATCH_SIZE="8"), env={"AUTORESEARCH_TIME_BUDGET": "3"})
+        "$PY" -c 'import harness
+summary, output, wall = harness.run_train(dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", TOTAL_BATCH_SIZE="2**11",
+                                              DEVICE_BATCH_SIZE="8"), env={"AUTORESEARCH_TIME_BUDGET": "3"})
 print(output)'
     }
 else

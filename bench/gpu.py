@@ -18,8 +18,8 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 import prepare
-import runs
 import runtime
 import train
 
@@ -106,8 +106,8 @@ def measure(backend, fa3, device, dtype, tokenizer, steps, warmup, memory_gb=Non
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=runs.at_least(1), default=20, help="timed steps per backend")
-    parser.add_argument("--warmup", type=runs.at_least(1), default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--steps", type=harness.at_least(1), default=20, help="timed steps per backend")
+    parser.add_argument("--warmup", type=harness.at_least(1), default=5, help="untimed steps first (compilation)")
     parser.add_argument("--backends", default="fa3,flex", help="CUDA: comma-separated, of fa3, flex, sdpa")
     parser.add_argument("--memory-gb", default="", help="CUDA: simulated card sizes in GB, e.g. 24,40")
     parser.add_argument("--out", help="JSON file to write (default bench/results/gpu-<device>.json)")
@@ -143,7 +143,7 @@ def main():
         print(f"{r['backend']:<8} {r['memory_gb'] or '-':>7} {r['micro_batch']:>5} {r['ms_per_step']:>9.1f} "
               f"{r['tokens_per_second']:>11,.0f} {mfu:>6} {peak_mb:>9} "
               f"{r['loader_wait_percent']:>14.2f} {r['startup_seconds']:>11.1f} {r['recompiles']:>10}")
-    out = Path(args.out) if args.out else RESULTS / f"gpu-{runs.slug(device_name)}.json"
+    out = Path(args.out) if args.out else RESULTS / f"gpu-{harness.slug(device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     prepare.write_json(out, dict(device=device_name, torch=torch.__version__, precision=why,
                                  date=datetime.date.today().isoformat(), steps=args.steps, warmup=args.warmup,

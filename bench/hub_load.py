@@ -30,12 +30,13 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import runs
+import harness
 from hub.core import Config, Hub
 from hub.gitrepo import checkout_files, create_refs, pack_refs
 from hub.results import parse_result
@@ -64,32 +65,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def git(repo: Path, *args: str) -> bytes:
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", **GIT_ENV}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True).stdout
-
-
 def make_baseline(folder: Path) -> Path:
     """The operator's checkout for the simulated agents, whose repositories hold train.py alone."""
     folder.mkdir(parents=True)
-    git(folder, "init", "--quiet")
+    git = partial(harness.git, cwd=folder, env=GIT_ENV)
+    git("init", "--quiet")
     (folder / "train.py").write_text("# the baseline\n")
-    git(folder, "add", "train.py")
-    git(folder, "commit", "--quiet", "-m", "baseline")
+    git("add", "train.py")
+    git("commit", "--quiet", "-m", "baseline")
     return folder
-
-
-def start_hub(data: Path, port: int, baseline: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "hub.py"), "--data", str(data), "--port", str(port),
-                             "--admin-key", ADMIN_KEY, "--log-level", "warning", "--baseline-from", str(baseline)],
-                            cwd=ROOT)
-    for _ in range(300):
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=1).ok:
-                return proc
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise TimeoutError("hub did not start")
 
 # ---------------------------------------------------------------------------
 # --large: a hub after a long night, filled straight into repo.git and hub.db
@@ -175,14 +159,15 @@ class SimAgent:
 def build_bundles(repo: Path, n: int) -> list[tuple[str, bytes]]:
     """An orphan baseline and n-1 improvements, each bundled whole, as program-hub.md pushes them."""
     repo.mkdir(parents=True)
-    git(repo, "init", "--quiet")
-    bundles = []
+    git = partial(harness.git, cwd=repo, env=GIT_ENV)
+    git("init", "--quiet")
+    bundles, bundle = [], repo / ".git" / "push.bundle"
     for i in range(n):
         (repo / "train.py").write_text(f"# {repo.name}\n" + "".join(f"step_{k} = {k}\n" for k in range(i + 1)))
-        git(repo, "add", "train.py")
-        git(repo, "commit", "--quiet", "-m", "baseline" if i == 0 else random.choice(IDEAS))
-        bundles.append((git(repo, "rev-parse", "HEAD").decode().strip(), git(repo, "bundle", "create", "-q", "-",
-                                                                             "HEAD")))
+        git("add", "train.py")
+        git("commit", "--quiet", "-m", "baseline" if i == 0 else random.choice(IDEAS))
+        git("bundle", "create", "-q", str(bundle), "HEAD")
+        bundles.append((git("rev-parse", "HEAD"), bundle.read_bytes()))
     return bundles
 
 
@@ -301,7 +286,7 @@ def report(record: Recorder, elapsed: float, args) -> None:
     rate = rows[-1]["count"] / elapsed
     print(f"throughput: {rate:.0f} requests/s, p50 {rows[-1]['p50_ms']:.1f} ms, p99 {rows[-1]['p99_ms']:.1f} ms; at "
           f"~10 calls per 5-minute experiment that is ~{rate * 30:,.0f} agents")
-    name = (f"hub-load-{runs.slug(machine)}-{'large-' if args.large else ''}"
+    name = (f"hub-load-{harness.slug(machine)}-{'large-' if args.large else ''}"
             f"{f'rate{args.rate:g}' if args.rate else 'flat-out'}.json")
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -314,12 +299,13 @@ def report(record: Recorder, elapsed: float, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--agents", type=runs.at_least(1), default=24)
-    p.add_argument("--workers", type=runs.at_least(1), default=8, help="client threads sending calls at once")
-    p.add_argument("--seconds", type=runs.at_least(0.1, float), default=15.0)
-    p.add_argument("--rate", type=runs.at_least(0, float), default=0,
+    p.add_argument("--agents", type=harness.at_least(1), default=24)
+    p.add_argument("--workers", type=harness.at_least(1), default=8, help="client threads sending calls at once")
+    p.add_argument("--seconds", type=harness.at_least(0.1, float), default=15.0)
+    p.add_argument("--rate", type=harness.at_least(0, float), default=0,
                    help="requests/s to pace the calls at (default: flat out)")
-    p.add_argument("--pushes", type=runs.at_least(1), default=12, help="bundles prebuilt per agent (its improvements)")
+    p.add_argument("--pushes", type=harness.at_least(1), default=12,
+                   help="bundles prebuilt per agent (its improvements)")
     p.add_argument("--keep", type=Path, help="use this folder for the hub's data and keep it afterwards")
     p.add_argument("--large", action="store_true",
                    help=f"fill the hub with {LARGE_COMMITS:,} commits and {LARGE_POSTS:,} #results posts first")
@@ -336,10 +322,11 @@ def main() -> None:
             fill(data, baseline, LARGE_COMMITS, LARGE_POSTS)
             print(f"filled the hub with {LARGE_COMMITS} commits and {LARGE_POSTS} #results posts in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
-        port = free_port()
-        hub = start_hub(data, port, baseline)
+        port, log = free_port(), Path(tmp) / "hub.log"
+        hub = harness.start_hub(data, port, ADMIN_KEY, log, baseline)
         try:
             url = f"http://127.0.0.1:{port}"
+            harness.wait_for_hub(url, hub, log)
             names = list(PLATFORMS)
             agents = [SimAgent(url, f"agent-{i:02d}-{names[i % len(names)].lower()}", names[i % len(names)],
                                Path(tmp) / "repos", args.pushes) for i in range(args.agents)]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 import prepare
-import runs
 import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,7 +47,7 @@ def tokenize_rate(tokenizer, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=runs.at_least(0.1, float), default=5.0, help="measuring time of each row")
+    parser.add_argument("--seconds", type=harness.at_least(0.1, float), default=5.0, help="measuring time of each row")
     parser.add_argument("--out", help="JSON file to write (default bench/results/loader-<machine>.json)")
     args = parser.parse_args()
     tokenizer = prepare.Tokenizer.from_directory()
@@ -61,7 +61,7 @@ def main():
     for r in rows:
         print(f"{r['what']:<44} {r['tokens_per_second'] / 1e6:>10.2f}")
     print("target: >= 2M tokens/s (one H100 consumes about 1.7M tokens/s at the reference config)")
-    out = Path(args.out) if args.out else RESULTS / f"loader-{runs.slug(machine)}.json"
+    out = Path(args.out) if args.out else RESULTS / f"loader-{harness.slug(machine)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     prepare.write_json(out, dict(machine=machine, dataset=prepare.dataset_label(), seconds=args.seconds,
                                  date=datetime.date.today().isoformat(), rows=rows))

@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 import port_speed
 import prepare
-import runs
 import runtime
 import train
 from optimizers import LRS
@@ -169,8 +169,8 @@ def run_one(s, args, context, log):
     """Train one spec; its record, finished or crashed."""
     timeout = s["budget"] * 6 + 600
     try:
-        summary, output, wall = runs.run_train(run_edits(s, args.edits), log=log, timeout=timeout,
-                                               env={"AUTORESEARCH_TIME_BUDGET": str(s["budget"])})
+        summary, output, wall = harness.run_train(run_edits(s, args.edits), log=log, timeout=timeout,
+                                                  env={"AUTORESEARCH_TIME_BUDGET": str(s["budget"])})
     except subprocess.TimeoutExpired:
         summary, output, wall = {}, f"timed out after {timeout:g}s", timeout
     record = dict(key=run_key(s, args.edits), **s, **context, date=datetime.datetime.now().isoformat("T", "seconds"),
@@ -394,9 +394,9 @@ def parse_args():
                         "the Newton-Muon table (default 42,43); the sweep runs SEED 42")
     parser.add_argument("--factors", type=numbers(float, True), default=[0.5, 1, 2],
                         help="the sweep's lrs, as multiples of bench/optimizers.py's (default 0.5,1,2)")
-    parser.add_argument("--budget", type=runs.at_least(0.1, float), default=prepare.TIME_BUDGET,
+    parser.add_argument("--budget", type=harness.at_least(0.1, float), default=prepare.TIME_BUDGET,
                         help=f"training seconds of a grid or Newton-Muon run (default {prepare.TIME_BUDGET:g})")
-    parser.add_argument("--sweep-budget", type=runs.at_least(0.1, float),
+    parser.add_argument("--sweep-budget", type=harness.at_least(0.1, float),
                         help="training seconds of a sweep run (default a third of --budget)")
     parser.add_argument("--edit", action="append", default=[], metavar="NAME=VALUE",
                         help="a constant of train.py for every run (a tiny model for a test)")
@@ -406,19 +406,19 @@ def parse_args():
     parser.add_argument("--dry-run", action="store_true", help="list the planned runs and what is stored; run nothing")
     args = parser.parse_args()
     args.sweep_budget = args.sweep_budget or args.budget / 3
-    args.edits = runs.parse_edits(args.edit)
+    args.edits = harness.parse_edits(args.edit)
     if VARIED & set(args.edits):
         parser.error(f"--edit {', '.join(sorted(VARIED & set(args.edits)))}: bench/looped.py sets it in every run; "
                      "choose it with --archs, --optimizers or --seeds")
     stages = STAGES if args.stage == "all" else (args.stage,)
-    source = (runs.REPO / "train.py").read_text()
+    source = (harness.REPO / "train.py").read_text()
     try:  # a missing constant fails now, not in an hour
-        runs.edit_constants(source, args.edits)
+        harness.edit_constants(source, args.edits)
     except ValueError as e:
         parser.error(str(e))
     for a in dict.fromkeys([*([SWEEP_ARCH] if "sweep" in stages else []), *args.archs]):
         try:
-            runs.edit_constants(source, run_edits(spec(a, "newton_muon", 0.01, 0, 1), {}))
+            harness.edit_constants(source, run_edits(spec(a, "newton_muon", 0.01, 0, 1), {}))
         except ValueError as e:
             parser.error(f"architecture {a}: {e}")
     return args, stages
@@ -448,7 +448,7 @@ def main():
     context = dict(machine=machine, profile=prepare.PROFILE, dataset=prepare.dataset_label(),
                    precision="bf16" if dtype == torch.bfloat16 else "fp32", edits=args.edits,
                    budget_unit=runtime.budget_unit(device))
-    out = Path(args.out) if args.out else RESULTS / f"looped-{runs.slug(machine)}.md"
+    out = Path(args.out) if args.out else RESULTS / f"looped-{harness.slug(machine)}.md"
     jsonl = out.with_suffix(".runs.jsonl")
     records = load_records(jsonl)
     why = mixing(records, context, {args.budget, args.sweep_budget})
@@ -469,7 +469,7 @@ def main():
             print(f"{stage}: skipping {o}: no finished sweep run to take its lr from (run --stage sweep)", flush=True)
         print(f"{stage}: {len(todo)} runs to run", flush=True)
         for i, s in enumerate(todo, 1):
-            log = Path(args.logs) / f"{runs.slug(describe_spec(s))}.log"
+            log = Path(args.logs) / f"{harness.slug(describe_spec(s))}.log"
             print(f"[{datetime.datetime.now():%H:%M:%S}] {stage} {i}/{len(todo)}: {describe_spec(s)} (log {log})",
                   flush=True)
             record = run_one(s, args, context, log)
@@ -486,5 +486,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (bench/runs.py): the run in progress is killed, not stored
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (harness.py): the run in progress is killed, not stored
         raise SystemExit("\nstopped: every finished run is stored; the same command resumes") from None

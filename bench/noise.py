@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 import prepare
-import runs
 import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,8 +56,8 @@ def run_one(seed, busy, args, log):
     """One full run; with busy, a process spinning on one core runs beside it for the whole run."""
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        summary, output, wall = runs.run_train({**args.edits, "SEED": seed}, log=log, timeout=args.budget * 6 + 600,
-                                               env={"AUTORESEARCH_TIME_BUDGET": str(args.budget)})
+        summary, output, wall = harness.run_train({**args.edits, "SEED": seed}, log=log, timeout=args.budget * 6 + 600,
+                                                  env={"AUTORESEARCH_TIME_BUDGET": str(args.budget)})
     finally:
         if neighbour:
             neighbour.kill()
@@ -106,15 +106,15 @@ def main():
         parser.error("--repeats must be at least 1, --seeds at least 0 and --budget positive")
     if args.label and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.label):
         parser.error("--label: letters, digits, '.', '_' and '-' only")
-    args.edits = runs.parse_edits(args.edit)
+    args.edits = harness.parse_edits(args.edit)
     try:  # a misspelt name fails now, not after an hour
-        runs.edit_constants((runs.REPO / "train.py").read_text(), args.edits)
+        harness.edit_constants((harness.REPO / "train.py").read_text(), args.edits)
     except ValueError as e:
         parser.error(str(e))
 
     device, machine = runtime.pick_device()
     load = "-load" if args.load else ""  # a load test never overwrites a noise measurement
-    name = runs.slug(machine) + load + (f"-{args.label}" if args.label else "")
+    name = harness.slug(machine) + load + (f"-{args.label}" if args.label else "")
     out = Path(args.out) if args.out else RESULTS / f"noise-{name}.json"
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     todo = plan(args)

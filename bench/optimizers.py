@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 import prepare
-import runs
 import runtime
 import train
 
@@ -76,7 +76,7 @@ def print_table(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=runs.at_least(WARMUP_STEPS + 1), default=300,
+    parser.add_argument("--steps", type=harness.at_least(WARMUP_STEPS + 1), default=300,
                         help=f"optimizer steps per run, more than {WARMUP_STEPS} (the table and the lrs: 300)")
     parser.add_argument("--sweep", action="store_true", help="also try 0.5x and 2x every lr; print each rule's runs")
     args = parser.parse_args()

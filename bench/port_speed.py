@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 import prepare
-import runs
 import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,7 +38,7 @@ def step_ms(output):
 
 
 def run_port(args):
-    env = {**os.environ, "REF_PREPARE_DIR": str(runs.REPO), "REF_TIME_BUDGET": str(args.budget),
+    env = {**os.environ, "REF_PREPARE_DIR": str(harness.REPO), "REF_TIME_BUDGET": str(args.budget),
            "REF_DTYPE": "bfloat16" if prepare.PROFILE == "cpu-bf16" else "float32"}
     result = subprocess.run([args.port_python, args.port], cwd=Path(args.port).parent, capture_output=True,
                             text=True, env=env, timeout=args.budget * 6 + 900)
@@ -64,7 +64,7 @@ def main():
             if who == "port":
                 output = run_port(args)
             else:
-                _, output, _ = runs.run_train(PORT_CONFIG, env={"AUTORESEARCH_TIME_BUDGET": str(args.budget)})
+                _, output, _ = harness.run_train(PORT_CONFIG, env={"AUTORESEARCH_TIME_BUDGET": str(args.budget)})
             ms, n = step_ms(output)
             rows.append(dict(round=i + 1, who=who, median_step_ms=ms, timed_steps=n))
             print(f"    median step {ms:.0f} ms over {n} steps", flush=True)
@@ -72,7 +72,7 @@ def main():
     ratio = medians["port"] / medians["ours"]
     print(f"{machine}, profile {prepare.PROFILE}: port {medians['port']:.0f} ms/step, ours {medians['ours']:.0f} "
           f"ms/step: ours runs at {ratio:.3f}x the port's speed (median of {args.rounds} runs each)")
-    out = RESULTS / f"port-speed-{runs.slug(machine)}.json"
+    out = RESULTS / f"port-speed-{harness.slug(machine)}.json"
     RESULTS.mkdir(exist_ok=True)
     prepare.write_json(out, dict(machine=machine, profile=prepare.PROFILE, date=datetime.date.today().isoformat(),
                                  budget=args.budget, config=PORT_CONFIG, runs=rows, median_step_ms=medians,

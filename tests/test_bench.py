@@ -6,7 +6,7 @@ The bench scripts, each with its smallest arguments, on conftest.py's small prep
   result post per read of #results, bench/port_speed.py's step count against the run's own num_steps);
 - bench/optimizers.py in-process with a smaller model (its fixed model, compiled six times, takes minutes here);
 - bench/cpu_defaults.py and bench/port_speed.py, whose runs train for minutes: their candidates, plan and parsing
-  against hand-computed values; bench/noise.py's plan and statistics likewise; bench/runs.py's helpers;
+  against hand-computed values; bench/noise.py's plan and statistics likewise; harness.run_train stopping its run;
 - bench/looped.py: in tests/test_bench_looped.py;
 - bad arguments of every script stop with one line naming the fix, before any work (in-process, on an empty cache).
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import harness
 import prepare
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,6 @@ sys.path.insert(0, str(REPO / "bench"))
 import cpu_defaults  # noqa: E402  (bench/: the scripts' pure functions)
 import noise  # noqa: E402
 import port_speed  # noqa: E402
-import runs  # noqa: E402
 
 TINY = ["--edit", "DEPTH=2", "--edit", "ASPECT_RATIO=32", "--edit", "HEAD_DIM=32", "--edit",
         "TOTAL_BATCH_SIZE=2**11", "--edit", "DEVICE_BATCH_SIZE=8"]
@@ -166,7 +166,7 @@ def test_cpu_defaults_candidates_are_what_their_names_say():
     source = (REPO / "train.py").read_text()
     for profile, candidates in cpu_defaults.CANDIDATES.items():
         for name, edits in candidates.items():
-            runs.edit_constants(source, edits)  # raises on a constant train.py lacks
+            harness.edit_constants(source, edits)  # raises on a constant train.py lacks
             value = {k: eval(v) for k, v in edits.items()}
             if name == "ref-small":  # the reference README's small computer
                 name = "L-w256-b14"
@@ -186,29 +186,6 @@ def test_port_speed_reads_median_step_after_the_11th():
     assert port_speed.step_ms(output) == (125, 4)  # median of 100, 120, 130, 140
     with pytest.raises(SystemExit, match="no timed steps"):
         port_speed.step_ms(output.split("step 00011")[0])
-
-
-def test_runs_helpers():
-    assert runs.slug("Intel(R) Xeon(R) Processor, 2 threads") == "Intel-R-Xeon-R-Processor-2-threads"
-    source = "if a:\n    DEPTH = 8                # blocks\nelse:\n    DEPTH = 4\nDEPTHS = 1\n"
-    assert runs.edit_constants(source, {"DEPTH": "2**3"}) == \
-        "if a:\n    DEPTH = 2**3                # blocks\nelse:\n    DEPTH = 2**3\nDEPTHS = 1\n"
-    with pytest.raises(ValueError, match="no constant WIDTH"):
-        runs.edit_constants(source, {"WIDTH": "1"})
-    output = "---\nval_bpb: 9\nstep 5\n---\nval_bpb:          1.25\nnum_steps: 12\nnot a pair here\n"
-    assert runs.read_summary(output) == {"val_bpb": "1.25", "num_steps": "12"}
-    assert runs.read_summary("crashed\n") == {}
-    assert runs.parse_edits(["DEPTH=6", "WINDOW_PATTERN=\"L\""]) == {"DEPTH": "6", "WINDOW_PATTERN": '"L"'}
-    for bad in ("DEPTH", "DEPTH=", "2x=1"):
-        with pytest.raises(SystemExit, match="NAME=VALUE"):
-            runs.parse_edits([bad])
-    check = runs.at_least(2)
-    assert check("2") == 2
-    for bad in ("1", "x"):
-        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
-            check(bad)
-    with pytest.raises(argparse.ArgumentTypeError):
-        runs.at_least(0.1, float)("nan")
 
 
 HANGING = "__import__('time').sleep(600) or 42"  # a constant's value that hangs train.py at import
@@ -246,7 +223,7 @@ def terminate_mid_run(command, cache):
 @needs_proc
 def test_run_train_stops_its_run_when_terminated(tmp_path):
     """SIGTERM to a bench script (a `kill`, a stopped job) must not leave its train.py running for minutes."""
-    code = f"import sys; sys.path.insert(0, 'bench'); import runs; runs.run_train({{'SEED': {HANGING!r}}})"
+    code = f"import harness; harness.run_train({{'SEED': {HANGING!r}}})"
     returncode, _ = terminate_mid_run([sys.executable, "-c", code], tmp_path)
     assert returncode != 0
 

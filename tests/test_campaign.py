@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 import campaign
+import harness
 import test_analysis
+import harness
 import hub_helpers
-from bench import runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(DEPTH="1", ASPECT_RATIO="32", HEAD_DIM="32", TOTAL_BATCH_SIZE="2**11", DEVICE_BATCH_SIZE="8")
@@ -69,7 +70,7 @@ def make_repo(tmp_path):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             (repo / name).write_bytes((REPO / name).read_bytes())
     train = repo / "train.py"
-    train.write_text(runs.edit_constants(train.read_text(), {**TINY, **FROZEN}))
+    train.write_text(harness.edit_constants(train.read_text(), {**TINY, **FROZEN}))
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"]):
         subprocess.run(["git", *args], cwd=repo, check=True)
     (tmp_path / "plan.toml").write_text(PLAN)
@@ -182,7 +183,7 @@ def test_rows_ids_statuses_and_commits(finished):
         assert len(commits) == 1, eid  # one commit per experiment (a re-run has its own, with the next SEED)
         commit = commits.pop()
         # each experiment is the baseline plus its own edit only, in the profile branch that ran (cpu)
-        assert train_of(repo, commit) == runs.edit_constants(base_source, edit, "cpu"), eid
+        assert train_of(repo, commit) == harness.edit_constants(base_source, edit, "cpu"), eid
         parent = subprocess.run(["git", "rev-parse", f"{commit}^"], cwd=repo, capture_output=True, text=True)
         assert parent.stdout.strip() == base
     crash = [r for r in rows if r["description"].startswith("BROKEN")]
@@ -219,7 +220,7 @@ def test_combined_run_holds_every_kept_edit(finished):
     assert len(combined) >= 1 and "MAT-LR" in combined[0]["description"] and "EMB-LR" in combined[0]["description"]
     source = train_of(repo, combined[0]["commit"])
     base = train_of(repo, "refs/campaigns/tiny/baseline")
-    assert source == runs.edit_constants(base, {"MATRIX_LR": "0.04", "EMBEDDING_LR": "0.6"}, "cpu")
+    assert source == harness.edit_constants(base, {"MATRIX_LR": "0.04", "EMBEDDING_LR": "0.6"}, "cpu")
     best = min((float(re.search(r"mean ([0-9.]+)\)$", r["description"]).group(1)) if "mean" in r["description"]
                 else float(r["val_bpb"]), r["commit"]) for r in rows if r["status"] == "keep" and
                r["description"] != "baseline")
@@ -334,7 +335,7 @@ def test_gain_within_noise_is_run_again_with_the_next_seed(tmp_path, first, seco
     rows = read_rows(c.repo)
     assert [(r["status"], r["description"]) for r in rows] == [("discard", "X an idea (within noise)"), (status, last)]
     assert outcome[2].startswith(rows[1]["commit"])
-    assert train_of(c.repo, rows[1]["commit"]) == runs.edit_constants(exp["source"], {"SEED": "8"})
+    assert train_of(c.repo, rows[1]["commit"]) == harness.edit_constants(exp["source"], {"SEED": "8"})
     parent = subprocess.run(["git", "rev-parse", f"{rows[1]['commit']}^"], cwd=c.repo, capture_output=True, text=True)
     assert parent.stdout.startswith(rows[0]["commit"]) and rows[0]["commit"] != rows[1]["commit"]
     assert rows[0]["val_bpb"] == f"{first:.6f}" and rows[0]["memory_gb"] == "2.0"
@@ -413,7 +414,7 @@ def test_sigma_is_measured_as_program_md_says_when_its_table_has_no_row(tmp_path
     assert [(r["status"], r["description"]) for r in rows] == [("discard", "baseline re-run (SEED 43)"),
                                                               ("discard", "baseline re-run (SEED 44)")]
     for r, seed in zip(rows, (43, 44)):  # each re-run is the baseline with only SEED changed
-        assert train_of(c.repo, r["commit"]) == runs.edit_constants(c.source, {"SEED": str(seed)}, "cpu")
+        assert train_of(c.repo, r["commit"]) == harness.edit_constants(c.source, {"SEED": str(seed)}, "cpu")
     assert c.sigma(1.0, ("a CPU nobody measured", "cpu", "fp32", "cpu", "stdlib"))[0] == sigma  # resumed: no run
     table = c.sigma(1.0, ("AMD EPYC, 2 threads", "cpu", "fp32", "cpu", "stdlib"))
     assert table[1].startswith("program.md's table") and table[0] == campaign.sigma_from_table(

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from launch import add_worktree
 from hub_helpers import (BASE_ENV, ROOT, agent_of, alive, commit_change, free_port, git, make_repo, needs_curl,
                          program_blocks, startup_lines)
 
@@ -180,26 +179,6 @@ def test_two_agents_post_to_a_local_hub_stop_on_ctrl_c_and_resume(tmp_path, laun
     wait_until(lambda: status("2 runs", "1.000000", "1.100000"), 10, "a status line")  # the discards' 0.9 is no best
     interrupt(proc, lambda pid: os.kill(pid, signal.SIGTERM))  # a scheduler's stop: launch.py alone
     assert out.read_text().count("launch: stopped 2 agents and the hub") == 2
-
-
-def test_add_worktree_makes_reuses_and_remakes(tmp_path):
-    repo = make_repo(tmp_path / "repo", "worktrees")
-    path = tmp_path / "trees" / "one"
-    assert add_worktree(repo, path, "work/one") is True
-    assert git(path, "branch", "--show-current") == "work/one"
-    assert git(path, "rev-parse", "HEAD") == git(repo, "rev-parse", "main")
-    (path / "train.py").write_text("lr = 2.0\n")  # work in progress survives a reuse
-    git(path, "checkout", "--quiet", "-b", "moved-on")
-    assert add_worktree(repo, path, "work/one") is False
-    assert (path / "train.py").read_text() == "lr = 2.0\n" and git(path, "branch", "--show-current") == "moved-on"
-    subprocess.run(["rm", "-rf", str(path)], check=True)  # deleted by hand: made again, on its existing branch
-    commit_change(repo, "lr = 3.0\n", "later upstream work")
-    assert add_worktree(repo, path, "moved-on") is True and git(path, "branch", "--show-current") == "moved-on"
-    (tmp_path / "trees" / "plain").mkdir()
-    with pytest.raises(RuntimeError, match="plain exists and is not a worktree of"):
-        add_worktree(repo, tmp_path / "trees" / "plain", "work/plain")
-    with pytest.raises(RuntimeError, match="git worktree add.*'main' is already checked out"):
-        add_worktree(repo, tmp_path / "trees" / "two", "main")
 
 
 class Health(http.server.BaseHTTPRequestHandler):

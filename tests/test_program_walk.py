@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
+import harness
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import runs  # noqa: E402  (bench/runs.py: the constant editing that the bench scripts use)
 
 # a tiny model whose unembedding learns nothing (its outputs stay near uniform): the kept change (its lr back on)
 # beats it far beyond noise
@@ -103,7 +103,7 @@ class Agent:
 
     def edit(self, **constants: str) -> None:
         path = self.repo / "train.py"
-        path.write_text(runs.edit_constants(path.read_text(), constants))
+        path.write_text(harness.edit_constants(path.read_text(), constants))
 
     def head(self) -> str:
         return git(self.repo, "rev-parse", "--short", "HEAD")
@@ -113,7 +113,7 @@ def human_checkout(agent: Agent, tmp: Path) -> str:
     """The human's repository: this tree's files on main, then a tiny model on a branch `tiny`, checked out, and
     a prepared tiny dataset. Returns the branch's head."""
     repo = agent.repo
-    for name in ("train.py", "prepare.py", ".gitignore", "program.md"):
+    for name in ("train.py", "prepare.py", "runtime.py", ".gitignore", "program.md"):
         shutil.copy(REPO / name, repo / name)
     git(repo, "init", "--quiet", "-b", "main")
     git(repo, "add", ".")

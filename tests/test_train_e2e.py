@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import harness
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import runs  # noqa: E402  (bench/runs.py: the constant editing that the bench scripts use)
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "device", "attention", "profile", "dataset", "precision",
                 "time_budget"]
@@ -41,7 +41,7 @@ def cache(small_cache):
 def train_copy(tmp_path, **constants):
     """A copy of train.py with constants rewritten (every `NAME = ...` line, at any indentation)."""
     path = tmp_path / "train.py"
-    path.write_text(runs.edit_constants((REPO / "train.py").read_text(), {**TINY, **constants}))
+    path.write_text(harness.edit_constants((REPO / "train.py").read_text(), {**TINY, **constants}))
     return path
 
 
