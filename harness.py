@@ -181,8 +181,7 @@ def start_hub(data, port, admin_key, log, baseline):
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, str(REPO / "hub.py"), "--data", str(data), "--port", str(port),
                                  "--log-level", "warning", "--baseline-from", str(baseline)], stdout=out,
-                                stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
                                 env={**os.environ, "HUB_ADMIN_KEY": admin_key})
 
 
